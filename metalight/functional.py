@@ -1,0 +1,465 @@
+"""Stateless views of ``nn.Module``s with a history of fast weights.
+
+A :class:`FunctionalModule` runs any ``torch.nn.Module`` with tensors it holds itself (the
+*fast weights*) through :func:`torch.func.functional_call`. The wrapped module is never
+changed by an unroll: its parameters are only read, and its buffers (BatchNorm running
+statistics) are copied per view, so an inner loop can update them without leaking into the
+model. Parameters are kept in the order of ``module.named_parameters()``, the order every
+optimizer of :mod:`metalight.optim` and every ``params=`` list uses.
+
+Example:
+    >>> import torch
+    >>> from metalight.functional import monkeypatch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> fmodel = monkeypatch(model, copy_initial_weights=False)
+    >>> w, b = fmodel.parameters()
+    >>> fmodel.update_params([w * 2, b])
+    >>> fmodel(torch.ones(1, 3)).shape
+    torch.Size([1, 1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["FunctionalModule", "make_functional", "monkeypatch"]
+
+_OWN_ATTRS = frozenset({"_root", "_prefix"})
+
+
+class _Root:
+    """State shared by a functional view and the views of its submodules."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: list[Tensor] | None,
+        track_higher_grads: bool,
+        device: torch.device | str | None,
+    ) -> None:
+        self.module = module
+        self.names = [name for name, _ in module.named_parameters()]
+        canonical = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
+        # Every name a parameter is reachable under (tied weights have several), so a
+        # submodule view finds a weight whose first name lies outside it.
+        self.aliases: dict[str, int] = {
+            name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)
+        }
+        self.shapes = [p.shape for _, p in module.named_parameters()]
+        self.buffers: dict[str, Tensor] = {}
+        buffer_ids: dict[int, Tensor] = {}
+        for name, b in module.named_buffers(remove_duplicate=False):
+            if id(b) not in buffer_ids:
+                copy = b.detach().clone()
+                buffer_ids[id(b)] = copy.to(device) if device is not None else copy
+            self.buffers[name] = buffer_ids[id(b)]
+        self.history: list[list[Tensor]] = []
+        self.track_higher_grads = track_higher_grads
+        self.training: dict[str, bool] = {}
+        self._views: dict[str, dict[str, int]] = {}
+        if params is not None:
+            self.update(params)
+
+    def update(self, params: Iterable[Tensor]) -> None:
+        params = list(params)
+        if len(params) != len(self.names):
+            raise ValueError(
+                f"expected {len(self.names)} fast weights, one per parameter of "
+                f"{type(self.module).__name__} in named_parameters() order "
+                f"({', '.join(self.names[:4])}{', ...' if len(self.names) > 4 else ''}), "
+                f"got {len(params)}"
+            )
+        for name, shape, p in zip(self.names, self.shapes, params, strict=True):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"fast weight for {name!r} must be a Tensor, got {type(p).__name__}"
+                )
+            if p.shape != shape:
+                raise ValueError(
+                    f"fast weight for {name!r} has shape {tuple(p.shape)}, "
+                    f"the module's parameter has shape {tuple(shape)}"
+                )
+        if self.track_higher_grads or not self.history:
+            self.history.append(params)
+        else:
+            # Without higher-order tracking only the initial and the latest weights are kept,
+            # so memory does not grow with the number of steps.
+            del self.history[1:]
+            self.history.append(params)
+
+    def latest(self) -> list[Tensor]:
+        if not self.history:
+            raise ValueError(
+                "this functional module holds no fast weights yet: pass params=[...] to the "
+                "call, call update_params(...), or build it with monkeypatch(module)"
+            )
+        return self.history[-1]
+
+    def replace(self, index: int, value: Tensor) -> None:
+        params = list(self.latest())
+        params[index] = value
+        self.history[-1] = params
+
+    def view_names(self, prefix: str) -> dict[str, int]:
+        names = self._views.get(prefix)
+        if names is None:
+            cut = len(prefix) + 1
+            names = {n[cut:]: i for n, i in self.aliases.items() if n.startswith(prefix + ".")}
+            self._views[prefix] = names
+        return names
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        params = self.latest()
+        if not prefix:
+            tensors = dict(zip(self.names, params, strict=True))
+            if self.buffers:
+                tensors.update(self.buffers)
+            return tensors
+        tensors = {rel: params[i] for rel, i in self.view_names(prefix).items()}
+        cut = len(prefix) + 1
+        for name, b in self.buffers.items():
+            if name.startswith(prefix + "."):
+                tensors[name[cut:]] = b
+        return tensors
+
+    @contextlib.contextmanager
+    def modes(self, module: nn.Module, prefix: str) -> Iterator[None]:
+        """Apply the view's own train/eval modes to the module for one call, then restore."""
+        if not self.training:
+            yield
+            return
+        saved = []
+        for name, sub in module.named_modules(prefix=prefix):
+            mode = self._mode_of(name)
+            if mode is not None and sub.training != mode:
+                saved.append((sub, sub.training))
+                sub.training = mode
+        try:
+            yield
+        finally:
+            for sub, mode in saved:
+                sub.training = mode
+
+    def _mode_of(self, name: str) -> bool | None:
+        while True:
+            if name in self.training:
+                return self.training[name]
+            if not name:
+                return None
+            name = name.rpartition(".")[0]
+
+
+class FunctionalModule:
+    """A stateless view of an ``nn.Module`` holding its own fast weights.
+
+    Calling it runs the wrapped module with the latest fast weights; ``fmodel(x, params=p)``
+    first makes ``p`` the latest fast weights (higher's semantics). Submodules are views too
+    (``fmodel.encoder(x)``), parameters read and assigned as attributes are the fast weights
+    (``fmodel.head.weight = w * mask`` is tracked by autograd), and methods defined on the
+    module's class run against the view.
+
+    Build one with :func:`monkeypatch` (or :func:`metalight.innerloop_ctx`).
+
+    Example:
+        >>> import torch
+        >>> from metalight.functional import monkeypatch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> fnet = monkeypatch(net, copy_initial_weights=False)
+        >>> loss = fnet(torch.randn(8, 2)).pow(2).mean()
+        >>> grads = torch.autograd.grad(loss, fnet.fast_params, create_graph=True)
+        >>> fnet.update_params([p - 0.1 * g for p, g in zip(fnet.fast_params, grads)])
+        >>> len(list(fnet.parameters(time=0))), len(fnet.fast_params)
+        (4, 4)
+    """
+
+    def __init__(self, root: _Root, prefix: str = "") -> None:
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_prefix", prefix)
+
+    # --- calling -------------------------------------------------------------------------
+    def __call__(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
+        root = self._root
+        if params is not None:
+            root.update(params)
+        module = self.module
+        tensors = root.tensors(self._prefix)
+        with root.modes(module, self._prefix):
+            return functional_call(module, tensors, args, kwargs)
+
+    def forward(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
+        """Same as calling the view."""
+        return self(*args, params=params, **kwargs)
+
+    # --- fast weights ----------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module (for a submodule view, that submodule)."""
+        root = self._root
+        return root.module.get_submodule(self._prefix) if self._prefix else root.module
+
+    @property
+    def fast_params(self) -> list[Tensor] | None:
+        """The latest fast weights, in ``named_parameters()`` order (None before any)."""
+        self._require_root("fast_params")
+        return self._root.history[-1] if self._root.history else None
+
+    @fast_params.setter
+    def fast_params(self, value: Iterable[Tensor]) -> None:
+        self.update_params(value)
+
+    @property
+    def init_fast_params(self) -> list[Tensor] | None:
+        """The fast weights the unroll started from (time 0)."""
+        self._require_root("init_fast_params")
+        return self._root.history[0] if self._root.history else None
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether the whole history of fast weights is kept for higher-order gradients."""
+        return self._root.track_higher_grads
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        self._root.track_higher_grads = bool(value)
+
+    def update_params(self, params: Iterable[Tensor]) -> None:
+        """Append ``params`` to the history and make them the latest fast weights.
+
+        Raises:
+            ValueError: if the number or shapes of ``params`` do not match the module's.
+        """
+        self._require_root("update_params")
+        self._root.update(params)
+
+    def parameters(self, time: int | None = None) -> Iterator[Tensor]:
+        """The fast weights at step ``time`` (latest when None; ``time=0`` the initial ones).
+
+        Raises:
+            ValueError: for a step that was not kept (without ``track_higher_grads`` only
+                the initial and the latest weights are).
+        """
+        history = self._root.history
+        if not history:
+            self._root.latest()
+        if time is None:
+            params = history[-1]
+        elif not self._root.track_higher_grads and time not in (0, -1):
+            raise ValueError(
+                f"parameters(time={time}) is not available: with track_higher_grads=False only "
+                "time=0 (initial) and the latest weights are kept"
+            )
+        else:
+            try:
+                params = history[time]
+            except IndexError:
+                raise ValueError(
+                    f"parameters(time={time}): only {len(history)} steps of fast weights exist "
+                    f"(times 0..{len(history) - 1})"
+                ) from None
+        if self._prefix:
+            params = [
+                params[i] for i in dict.fromkeys(self._root.view_names(self._prefix).values())
+            ]
+        return iter(params)
+
+    def named_parameters(self, time: int | None = None) -> Iterator[tuple[str, Tensor]]:
+        """Names and fast weights at step ``time``, like ``nn.Module.named_parameters``."""
+        if self._prefix:
+            first_names: dict[int, str] = {}
+            for rel, i in self._root.view_names(self._prefix).items():
+                first_names.setdefault(i, rel)
+            return zip(first_names.values(), self.parameters(time), strict=True)
+        return zip(self._root.names, self.parameters(time), strict=True)
+
+    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        """This view's own copies of the module's buffers."""
+        if not self._prefix:
+            return iter(self._root.buffers.items())
+        cut = len(self._prefix) + 1
+        return iter(
+            (n[cut:], b) for n, b in self._root.buffers.items() if n.startswith(self._prefix + ".")
+        )
+
+    def buffers(self) -> Iterator[Tensor]:
+        """This view's own copies of the module's buffers."""
+        return (b for _, b in self.named_buffers())
+
+    def copy_buffers_to_module(self) -> None:
+        """Write this view's buffers (e.g. BatchNorm running statistics) into the module.
+
+        Nothing an unroll does reaches the module's buffers unless this is called.
+        """
+        own = dict(self._root.module.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for name, b in self._root.buffers.items():
+                own[name].copy_(b)
+
+    def copy_buffers_from(
+        self, module: nn.Module, device: torch.device | str | None = None
+    ) -> None:
+        """Replace this view's buffer copies with fresh copies of ``module``'s buffers."""
+        self._require_root("copy_buffers_from")
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        missing = set(self._root.buffers) - set(buffers)
+        if missing:
+            raise ValueError(
+                f"{type(module).__name__} lacks buffers {sorted(missing)} of the functional view"
+            )
+        for name in self._root.buffers:
+            copy = buffers[name].detach().clone()
+            self._root.buffers[name] = copy.to(device) if device is not None else copy
+
+    # --- modes -----------------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """The view's train/eval mode (the module's own until ``train``/``eval`` is called)."""
+        mode = self._root._mode_of(self._prefix)
+        return self.module.training if mode is None else mode
+
+    def train(self, mode: bool = True) -> FunctionalModule:
+        """Set the train/eval mode of this view without touching the wrapped module."""
+        training = self._root.training
+        for name in list(training):
+            if self._prefix == "" or name == self._prefix or name.startswith(self._prefix + "."):
+                del training[name]
+        training[self._prefix] = bool(mode)
+        return self
+
+    def eval(self) -> FunctionalModule:
+        """Same as ``train(False)``."""
+        return self.train(False)
+
+    # --- attribute access --------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        root = self._root
+        full = f"{self._prefix}.{name}" if self._prefix else name
+        index = root.aliases.get(full)
+        if index is not None:
+            return root.latest()[index]
+        if full in root.buffers:
+            return root.buffers[full]
+        attr = getattr(self.module, name)
+        if isinstance(attr, nn.Module):
+            return FunctionalModule(root, full)
+        # Methods written on the user's class run against the view, so that what they read
+        # through ``self`` is the fast weights; nn.Module's own machinery does not.
+        if (
+            isinstance(attr, types.MethodType)
+            and attr.__self__ is self.module
+            and getattr(nn.Module, name, None) is not attr.__func__
+        ):
+            return types.MethodType(attr.__func__, self)
+        return attr
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        root = self._root
+        full = f"{self._prefix}.{name}" if self._prefix else name
+        index = root.aliases.get(full)
+        if index is not None:
+            if not isinstance(value, Tensor) or value.shape != root.shapes[index]:
+                raise ValueError(
+                    f"cannot assign {type(value).__name__} to fast weight {full!r}: expected a "
+                    f"Tensor of shape {tuple(root.shapes[index])}"
+                )
+            root.replace(index, value)
+        elif full in root.buffers:
+            root.buffers[full] = value
+        elif name in _OWN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(
+                f"cannot set {name!r} on a functional view: only parameters and buffers of "
+                f"{type(self.module).__name__} can be assigned"
+            )
+
+    def __getitem__(self, idx: int | str) -> FunctionalModule:
+        sub = self.module[idx]  # type: ignore[index]
+        for name, child in self.module.named_children():
+            if child is sub:
+                return FunctionalModule(
+                    self._root, f"{self._prefix}.{name}" if self._prefix else name
+                )
+        raise KeyError(idx)
+
+    def __len__(self) -> int:
+        return len(self.module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[FunctionalModule]:
+        for name, _ in self.module.named_children():
+            yield FunctionalModule(self._root, f"{self._prefix}.{name}" if self._prefix else name)
+
+    def __repr__(self) -> str:
+        steps = len(self._root.history)
+        return f"FunctionalModule({self.module!r}, steps={steps})"
+
+    def _require_root(self, what: str) -> None:
+        if self._prefix:
+            raise AttributeError(
+                f"{what} belongs to the whole functional model, not to its submodule view "
+                f"{self._prefix!r}"
+            )
+
+
+def monkeypatch(
+    module: nn.Module,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+    *,
+    detach_initial_weights: bool | None = None,
+) -> FunctionalModule:
+    """Make a functional view of ``module`` that starts from its current weights.
+
+    Args:
+        module: any ``nn.Module``; it is never modified by the view.
+        device: if given, the fast weights and buffer copies live on this device.
+        copy_initial_weights: higher's name for ``detach_initial_weights``.
+        track_higher_grads: keep the graph of every step for higher-order gradients. With
+            False the view is a cheap test-mode unroll.
+        detach_initial_weights: the clearer name. True: the unroll starts from detached
+            copies, so meta-gradients land on ``fmodel.parameters(time=0)`` and not on
+            ``module.parameters()``. False (what MAML wants): the unroll starts from the
+            module's parameters themselves, so ``meta_loss.backward()`` fills
+            ``module.parameters()``'s ``.grad``. Overrides ``copy_initial_weights``.
+
+    Returns:
+        The :class:`FunctionalModule`.
+
+    Example:
+        >>> import torch
+        >>> from metalight.functional import monkeypatch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = monkeypatch(model, detach_initial_weights=False)
+        >>> fmodel(torch.randn(4, 2)).sum().backward()
+        >>> model.weight.grad is not None
+        True
+    """
+    detach = copy_initial_weights if detach_initial_weights is None else detach_initial_weights
+    params = []
+    for p in module.parameters():
+        if detach:
+            p = p.detach().clone().requires_grad_(p.requires_grad)
+        if device is not None:
+            p = p.to(device)
+        params.append(p)
+    return FunctionalModule(_Root(module, params, track_higher_grads, device))
+
+
+def make_functional(module: nn.Module) -> FunctionalModule:
+    """A functional view holding no fast weights: pass ``params=`` on the first call.
+
+    Example:
+        >>> import torch
+        >>> from metalight.functional import make_functional
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = make_functional(model)
+        >>> out = fmodel(torch.randn(3, 2), params=[p * 2 for p in model.parameters()])
+    """
+    return FunctionalModule(_Root(module, None, True, None))

@@ -1,0 +1,266 @@
+"""The stateless view: fast weights, history, buffers, modes, tied and frozen weights, RNNs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metalight.functional import make_functional, monkeypatch
+from metalight.patch import buffer_sync
+
+
+class EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def embed_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) * self.head.weight.sum()
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 3, bias=False)
+        self.decode = nn.Linear(3, 4, bias=False)
+        self.out = nn.Linear(4, 4)
+        self.decode.weight = nn.Parameter(self.embed.weight.detach().T.contiguous())
+        self.tied = nn.Linear(4, 3, bias=False)
+        self.tied.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.decode(self.embed(x) + self.tied(x)))
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_view_matches_module_and_never_mutates_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+    before = snapshot(model)
+    x = torch.randn(5, 1, 6, 6)
+    fmodel = monkeypatch(model)
+    out = fmodel(x)
+    assert_unchanged(model, before)
+    # The view computed exactly what the module computes (the module then moves its stats).
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    for _ in range(3):
+        fmodel.update_params([p * 1.1 for p in fmodel.parameters()])
+        fmodel(x)
+    assert_unchanged(model, snapshot(model))
+
+
+def test_fast_weights_history_and_params_kwarg() -> None:
+    model = nn.Linear(3, 2)
+    fmodel = monkeypatch(model, copy_initial_weights=False)
+    x = torch.randn(4, 3)
+    p0 = list(fmodel.parameters())
+    assert all(a is b for a, b in zip(p0, model.parameters(), strict=True))
+    p1 = [p * 2 for p in p0]
+    out = fmodel(x, params=p1)
+    torch.testing.assert_close(out, x @ (2 * model.weight).T + 2 * model.bias)
+    assert fmodel.fast_params is p1 or all(
+        a is b for a, b in zip(fmodel.fast_params, p1, strict=True)
+    )
+    assert [t is s for t, s in zip(fmodel.parameters(time=0), p0, strict=True)] == [True, True]
+    assert all(a is b for a, b in zip(fmodel.parameters(time=1), p1, strict=True))
+    assert fmodel.init_fast_params is not None
+    assert all(a is b for a, b in zip(fmodel.init_fast_params, p0, strict=True))
+    with pytest.raises(ValueError, match=r"only 2 steps .*\(times 0\.\.1\)"):
+        list(fmodel.parameters(time=5))
+    names = [n for n, _ in fmodel.named_parameters()]
+    assert names == ["weight", "bias"]
+
+
+def test_gradient_through_history_reaches_module() -> None:
+    torch.manual_seed(1)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    fmodel = monkeypatch(model, detach_initial_weights=False)
+    for _ in range(2):
+        loss = fmodel(x).pow(2).mean()
+        grads = torch.autograd.grad(loss, fmodel.fast_params, create_graph=True)
+        fmodel.update_params([p - 0.3 * g for p, g in zip(fmodel.fast_params, grads, strict=True)])
+    fmodel(x).sum().backward()
+
+    # The same computation by hand.
+    w, b = (p.detach().clone().requires_grad_() for p in model.parameters())
+    params = [w, b]
+    for _ in range(2):
+        loss = (x @ params[0].T + params[1]).pow(2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        params = [p - 0.3 * g for p, g in zip(params, grads, strict=True)]
+    (x @ params[0].T + params[1]).sum().backward()
+    torch.testing.assert_close(model.weight.grad, w.grad)
+    torch.testing.assert_close(model.bias.grad, b.grad)
+
+
+def test_copy_initial_weights_semantics() -> None:
+    model = nn.Linear(2, 1)
+    x = torch.randn(3, 2)
+    detached = monkeypatch(model)  # higher's default: copy_initial_weights=True
+    detached(x).sum().backward()
+    assert model.weight.grad is None
+    assert detached.parameters(time=0).__next__().grad is not None
+    alias = monkeypatch(model, copy_initial_weights=True, detach_initial_weights=False)
+    alias(x).sum().backward()
+    assert model.weight.grad is not None
+
+
+def test_direct_assignment_is_tracked() -> None:
+    torch.manual_seed(2)
+    model = EncoderHead()
+    fmodel = monkeypatch(model, copy_initial_weights=False)
+    x = torch.randn(4, 3)
+    mask = torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 0, 1, 0]])
+    fmodel.head.weight = fmodel.head.weight * mask
+    assert len(list(fmodel.parameters(time=0))) == 4
+    out = fmodel(x)
+    expected = model.encoder(x) @ (model.head.weight * mask).T + model.head.bias
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    # Masked entries got no gradient: the assignment is part of the graph.
+    assert torch.all(model.head.weight.grad[mask == 0] == 0)
+    assert torch.any(model.head.weight.grad[mask == 1] != 0)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+        fmodel.head.weight = torch.zeros(3)
+
+
+def test_submodule_calls_and_methods_use_fast_weights() -> None:
+    torch.manual_seed(3)
+    model = EncoderHead()
+    fmodel = monkeypatch(model)
+    x = torch.randn(4, 3)
+    new = [p + 1 for p in fmodel.parameters()]
+    fmodel.update_params(new)
+    enc_w, enc_b, head_w, _ = new
+    torch.testing.assert_close(fmodel.encoder(x), torch.tanh(x @ enc_w.T + enc_b))
+    torch.testing.assert_close(fmodel.encoder[0](x), x @ enc_w.T + enc_b)
+    torch.testing.assert_close(
+        fmodel.embed_scaled(x), torch.tanh(x @ enc_w.T + enc_b) * head_w.sum()
+    )
+    assert fmodel.head.weight is head_w
+    assert [n for n, _ in fmodel.head.named_parameters()] == ["weight", "bias"]
+    assert len(fmodel.encoder) == 2
+
+
+def test_batchnorm_buffers_stay_per_unroll_and_modes() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = snapshot(model)
+    x = torch.randn(8, 3) * 3 + 1
+    fmodel = monkeypatch(model)
+    fmodel(x)
+    assert_unchanged(model, before)
+    running = dict(fmodel.named_buffers())["1.running_mean"]
+    assert not torch.equal(running, before["1.running_mean"])
+    # eval on the view uses its running stats and leaves the module in train mode.
+    fmodel.eval()
+    assert model.training and not fmodel.training
+    out = fmodel(x)
+    bn = model[1]
+    h = model[0](x)
+    buffers = dict(fmodel.named_buffers())
+    expected = (h - buffers["1.running_mean"]) / torch.sqrt(buffers["1.running_var"] + bn.eps)
+    torch.testing.assert_close(out, expected * bn.weight + bn.bias)
+    assert model.training and model[1].training
+    fmodel.train()
+    assert fmodel.training
+    # Only when asked do the unroll's statistics reach the module.
+    fmodel.copy_buffers_to_module()
+    torch.testing.assert_close(model[1].running_mean, buffers["1.running_mean"])
+    other = monkeypatch(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    buffer_sync(model, other)
+    torch.testing.assert_close(dict(other.named_buffers())["1.running_mean"], model[1].running_mean)
+
+
+def test_module_eval_mode_is_followed_by_default() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.9))
+    model.eval()
+    fmodel = monkeypatch(model)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(fmodel(x), model(x))
+
+
+def test_tied_weights_share_one_fast_weight() -> None:
+    torch.manual_seed(5)
+    model = Tied().double()
+    n_unique = len(list(model.parameters()))
+    fmodel = monkeypatch(model, copy_initial_weights=False)
+    assert len(fmodel.fast_params) == n_unique
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(fmodel(x), model(x))
+    new = [p * 0.5 for p in fmodel.fast_params]
+    fmodel.update_params(new)
+    out = fmodel(x)
+    shared = new[[n for n, _ in model.named_parameters()].index("embed.weight")]
+    assert fmodel.tied.weight is shared
+    # The tied submodule called alone sees the same fast weight.
+    torch.testing.assert_close(fmodel.tied(x), x @ shared.T)
+    out.sum().backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_partially_used_and_frozen_parameters() -> None:
+    model = nn.ModuleDict({"used": nn.Linear(2, 2), "unused": nn.Linear(2, 2)})
+    model["used"].bias.requires_grad_(False)
+    fmodel = monkeypatch(model)
+    assert len(fmodel.fast_params) == 4
+    out = fmodel.used(torch.ones(1, 2))
+    grads = torch.autograd.grad(out.sum(), fmodel.fast_params[0])
+    assert grads[0].shape == (2, 2)
+    assert not fmodel.fast_params[1].requires_grad
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_recurrent_modules(cls: type[nn.RNNBase]) -> None:
+    torch.manual_seed(6)
+    model = cls(3, 4, num_layers=2, batch_first=True).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    fmodel = monkeypatch(model, copy_initial_weights=False)
+    torch.testing.assert_close(fmodel(x)[0], model(x)[0])
+    fmodel.update_params([p * 0.9 for p in fmodel.fast_params])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    torch.testing.assert_close(fmodel(x)[0], model(x)[0])
+
+
+def test_track_higher_grads_false_keeps_only_ends() -> None:
+    model = nn.Linear(2, 1)
+    fmodel = monkeypatch(model, track_higher_grads=False)
+    for k in range(4):
+        fmodel.update_params([p.detach() + k for p in fmodel.fast_params])
+    assert len(list(fmodel.parameters(time=0))) == 2
+    with pytest.raises(ValueError, match="track_higher_grads=False"):
+        list(fmodel.parameters(time=2))
+
+
+def test_bad_fast_weights_are_named() -> None:
+    model = nn.Linear(3, 2)
+    fmodel = monkeypatch(model)
+    with pytest.raises(ValueError, match=r"expected 2 fast weights.*got 1"):
+        fmodel.update_params([torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match=r"'bias' has shape \(3,\).*shape \(2,\)"):
+        fmodel(torch.zeros(1, 3), params=[torch.zeros(2, 3), torch.zeros(3)])
+    empty = make_functional(model)
+    with pytest.raises(ValueError, match="holds no fast weights"):
+        empty(torch.zeros(1, 3))
+    out = empty(torch.zeros(1, 3), params=list(model.parameters()))
+    assert out.shape == (1, 2)

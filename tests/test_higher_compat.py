@@ -1,0 +1,278 @@
+"""Code written for facebookresearch/higher runs after ``import metalight as higher``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metalight as higher
+
+
+def make_data(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(8, 4, generator=g, dtype=torch.float64),
+            torch.randn(8, 2, generator=g, dtype=torch.float64),
+        )
+        for _ in range(n)
+    ]
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+def test_public_surface() -> None:
+    for name in [
+        "innerloop_ctx",
+        "monkeypatch",
+        "register_optim",
+        "get_diff_optim",
+        "create_diff_optim",
+        "get_trainable_opt_params",
+        "apply_trainable_opt_params",
+    ]:
+        assert callable(getattr(higher, name)), name
+    for name in ["monkeypatch", "make_functional", "buffer_sync"]:
+        assert callable(getattr(higher.patch, name)), name
+    for name in ["flatten", "get_func_params"]:
+        assert callable(getattr(higher.utils, name)), name
+    for name in [
+        "DifferentiableOptimizer",
+        "get_diff_optim",
+        "create_diff_optim",
+        "register_optim",
+        "get_trainable_opt_params",
+        "apply_trainable_opt_params",
+        "DifferentiableSGD",
+        "DifferentiableAdam",
+        "DifferentiableAdamW",
+        "DifferentiableAdadelta",
+        "DifferentiableAdagrad",
+        "DifferentiableAdamax",
+        "DifferentiableASGD",
+        "DifferentiableRMSprop",
+        "DifferentiableRprop",
+        "DifferentiableRAdam",
+        "DifferentiableNAdam",
+    ]:
+        assert hasattr(higher.optim, name), name
+
+
+def test_readme_example_of_higher() -> None:
+    """higher's README usage, line for line (its comments left out)."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters())
+    data = make_data()
+
+    def loss_function(logits: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(logits, ys)
+
+    def meta_loss_fn(params: object) -> torch.Tensor:
+        return sum(p.pow(2).sum() for p in params)  # type: ignore[attr-defined, return-value]
+
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for xs, ys in data:
+            logits = fmodel(xs)
+            loss = loss_function(logits, ys)
+            diffopt.step(loss)
+            assert all(p.grad_fn is not None for p in fmodel.fast_params)
+
+        grad_of_grads = torch.autograd.grad(
+            meta_loss_fn(fmodel.parameters()), fmodel.parameters(time=0)
+        )
+
+    assert len(grad_of_grads) == 4
+    assert all(torch.isfinite(g).all() for g in grad_of_grads)
+    # copy_initial_weights=True (the default): the module itself receives no gradient.
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_maml_style_loop_matches_hand_written() -> None:
+    model = make_model(1)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = make_data(seed=1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for xs, ys in data:
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+        F.mse_loss(fmodel(data[0][0]), data[0][1]).backward()
+
+    params = list(ref.parameters())
+    names = [n for n, _ in ref.named_parameters()]
+    for xs, ys in data:
+        loss = F.mse_loss(torch.func.functional_call(ref, dict(zip(names, params)), (xs,)), ys)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        params = [p - 0.1 * g for p, g in zip(params, grads, strict=True)]
+    out = torch.func.functional_call(ref, dict(zip(names, params)), (data[0][0],))
+    F.mse_loss(out, data[0][1]).backward()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """A custom optimizer: p <- p - lr * (g + wd * p) / (|g| + 1)."""
+
+    def __init__(self, params: object, lr: float = 0.1, wd: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "wd": wd})  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["count"] = state.get("count", 0) + 1
+                g = p.grad + group["wd"] * p
+                p.sub_(group["lr"] * g / (p.grad.abs() + 1))
+
+
+class DifferentiableSignSGD(higher.optim.DifferentiableOptimizer):
+    def _update(self, grouped_grads: list, **kwargs: object) -> None:  # type: ignore[override]
+        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            for p_idx, (p, g) in enumerate(zip(group["params"], grads)):
+                if g is None:
+                    continue
+                state = self.state[group_idx][p_idx]
+                state["count"] = state.get("count", 0) + 1
+                step = group["lr"] * (g + group["wd"] * p) / (g.abs() + 1)
+                group["params"][p_idx] = p - step
+
+
+def test_custom_optimizer_registration_and_lockstep() -> None:
+    model = make_model(2)
+    ref = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"no differentiable version of SignSGD.*register_optim"):
+        higher.get_diff_optim(SignSGD(model.parameters()), model.parameters())
+    higher.register_optim(SignSGD, DifferentiableSignSGD)
+    opt = SignSGD(model.parameters(), lr=0.05, wd=0.01)
+    ref_opt = SignSGD(ref.parameters(), lr=0.05, wd=0.01)
+    data = make_data(5, seed=2)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert isinstance(diffopt, DifferentiableSignSGD)
+        for xs, ys in data:
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+            ref_opt.zero_grad()
+            F.mse_loss(ref(xs), ys).backward()
+            ref_opt.step()
+        for a, b in zip(fmodel.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+        assert diffopt.state[0][0]["count"] == 5
+
+
+def test_branching_from_torch_optim_state() -> None:
+    model = make_model(3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    data = make_data(8, seed=3)
+    for xs, ys in data[:3]:
+        opt.zero_grad()
+        F.mse_loss(model(xs), ys).backward()
+        opt.step()
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.8, 0.9))
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert diffopt.state[0][0]["step"] == 3
+        for xs, ys in data[3:]:
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+            ref_opt.zero_grad()
+            F.mse_loss(ref(xs), ys).backward()
+            ref_opt.step()
+        for a, b in zip(fmodel.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    # Branching copied the state: the original optimizer did not move on.
+    assert opt.state[next(iter(model.parameters()))]["step"].item() == 3
+
+
+def test_override_learnable_lr_and_trainable_opt_params() -> None:
+    model = make_model(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    override = higher.optim.get_trainable_opt_params(opt)
+    assert set(override) >= {"lr", "momentum"}
+    xs, ys = make_data(1, seed=4)[0]
+    with higher.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+        meta = F.mse_loss(fmodel(xs), ys)
+    g_lr, g_mom = torch.autograd.grad(meta, [override["lr"][0], override["momentum"][0]])
+    assert g_lr.item() != 0 and g_mom.item() != 0
+    with torch.no_grad():
+        override["lr"][0].fill_(0.25)
+    higher.optim.apply_trainable_opt_params(opt, override)
+    assert opt.param_groups[0]["lr"] == 0.25
+    assert isinstance(opt.param_groups[0]["momentum"], float)
+
+
+def test_per_step_override_and_grad_callbacks() -> None:
+    model = make_model(5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = make_data(1, seed=5)[0]
+    seen: list[int] = []
+
+    def clip(grads: list) -> list:
+        seen.append(len(grads))
+        return [g.clamp(-0.01, 0.01) for g in grads]
+
+    with higher.innerloop_ctx(model, opt, grad_callback=clip) as (fmodel, diffopt):
+        before = [p.detach().clone() for p in fmodel.parameters()]
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        after = list(fmodel.parameters())
+        for b, a in zip(before, after, strict=True):
+            assert (b - a).abs().max() <= 0.1 * 0.01 + 1e-12
+        diffopt.step(
+            F.mse_loss(fmodel(xs), ys),
+            override={"lr": [0.0]},
+            grad_callback=lambda gs: [g * 0 for g in gs],
+        )
+        for a, b in zip(after, fmodel.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    assert seen == [4]
+
+
+def test_create_diff_optim_and_utils() -> None:
+    model = make_model(6)
+    fmodel = higher.monkeypatch(model)
+    diffopt = higher.create_diff_optim(torch.optim.SGD, {"lr": 0.5}, fmodel=fmodel)
+    xs, ys = make_data(1)[0]
+    new = diffopt.step(F.mse_loss(fmodel(xs), ys))
+    assert all(a is b for a, b in zip(new, fmodel.fast_params, strict=True))
+    assert higher.utils.flatten([[1, (2, 3)], 4]) == [1, 2, 3, 4]
+    copies = higher.utils.get_func_params(model)
+    assert all(c is not p and torch.equal(c, p) for c, p in zip(copies, model.parameters()))
+
+
+def test_test_mode_keeps_no_graph() -> None:
+    model = make_model(7)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    xs, ys = make_data(1)[0]
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+        assert all(p.grad_fn is None and p.requires_grad for p in fmodel.parameters())
+
+
+def test_bad_inputs_are_explained() -> None:
+    model = make_model(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = make_data(1)[0]
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match="does not depend on the fast weights"):
+            diffopt.step(F.mse_loss(model(xs).detach(), ys))
+        with pytest.raises(ValueError, match="does not depend on any fast weight"):
+            diffopt.step(F.mse_loss(model(xs), ys))
+        with pytest.raises(ValueError, match=r"got 3 params.*4 reference"):
+            diffopt.step(F.mse_loss(fmodel(xs), ys), params=fmodel.fast_params[:3])
+        with pytest.raises(ValueError, match="scalar loss"):
+            diffopt.step((fmodel(xs) - ys).pow(2))
+    other = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not among the reference parameters"):
+        higher.get_diff_optim(torch.optim.SGD(other.parameters(), lr=0.1), model.parameters())
+    with pytest.raises(ValueError, match="has 2 values but the optimizer has 1 parameter groups"):
+        higher.get_diff_optim(opt, model.parameters(), override={"lr": [0.1, 0.2]})
