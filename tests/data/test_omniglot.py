@@ -1,0 +1,158 @@
+"""Omniglot from the real small background sets: counts, images, splits, rotations, errors."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalight.data import Omniglot, download_file, md5sum
+from tests.data.conftest import SMALL_SETS
+
+SMALL1 = {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26}
+SMALL2 = {"Greek": 24, "Japanese_(katakana)": 47, "Latin": 26, "Sanskrit": 42, "Tagalog": 17}
+
+
+def test_single_set_class_counts(omniglot_dir: Path) -> None:
+    for set_name, expected in zip(SMALL_SETS, (SMALL1, SMALL2), strict=True):
+        ds = Omniglot(omniglot_dir, set_name, image_size=28)
+        assert Counter(ds.class_alphabets) == expected
+        assert ds.num_classes == sum(expected.values())  # 136 and 156
+    assert sum(SMALL1.values()) == 136 and sum(SMALL2.values()) == 156
+
+
+def test_merged_sets_deduplicate_shared_alphabets(omniglot: Omniglot) -> None:
+    # Greek (24) and Latin (26) are in both sets: 136 + 156 - 50 = 242 classes.
+    assert omniglot.num_classes == 242
+    assert Counter(omniglot.class_alphabets) == SMALL1 | SMALL2
+    assert len(set(omniglot.class_names)) == 242
+    assert "Greek/character01" in omniglot.class_names
+    # 20 drawers per character, not 40 for the duplicated alphabets.
+    assert omniglot.class_sizes.tolist() == [20] * 242
+    assert len(omniglot) == 4840
+
+
+def test_images_shape_range_and_inversion(omniglot: Omniglot) -> None:
+    assert omniglot.data.shape == (4840, 1, 28, 28)
+    assert omniglot.data.dtype == torch.uint8
+    image, label = omniglot[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert label == 0
+    x = omniglot.fetch(torch.arange(len(omniglot)))
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # Strokes are 1 on a 0 background: most pixels are background.
+    assert 0.03 < float(x.mean()) < 0.2
+    assert float(x[:, :, 0, :].mean()) < 0.02  # the border row is background
+
+
+def test_full_resolution_and_folder_layout_match_zip(
+    omniglot_dir: Path, omniglot: Omniglot, tmp_path: Path
+) -> None:
+    # Extract one alphabet to the official folder layout and read it back from folders.
+    target = tmp_path / "images_background_small1"
+    with zipfile.ZipFile(omniglot_dir / "images_background_small1.zip") as archive:
+        for name in archive.namelist():
+            if "/Early_Aramaic/" in name and name.endswith(".png"):
+                archive.extract(name, tmp_path)
+    assert (target / "Early_Aramaic" / "character01").is_dir()
+    from_folder = Omniglot(tmp_path, "images_background_small1", image_size=28)
+    assert from_folder.num_classes == 22
+    ids = [omniglot.class_names.index(n) for n in from_folder.class_names]
+    expected = torch.cat([omniglot.data[omniglot.class_indices[c]] for c in ids])
+    assert torch.equal(from_folder.data, expected)
+
+    full = Omniglot(tmp_path, "images_background_small1", image_size=None)
+    assert full.data.shape == (22 * 20, 1, 105, 105)
+    assert set(full.data.unique().tolist()) == {0, 255}
+
+
+def test_alphabet_split_is_disjoint(omniglot: Omniglot) -> None:
+    splits = omniglot.split_by_alphabet(
+        train=["Korean", "Japanese_(katakana)", "Sanskrit", "Balinese"],
+        val=["Greek", "Tagalog"],
+        test=["Latin", "Early_Aramaic"],
+    )
+    names = [set(s.class_names) for s in splits]
+    assert [len(n) for n in names] == [40 + 47 + 42 + 24, 24 + 17, 26 + 22]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
+    assert {n.split("/")[0] for n in names[1]} == {"Greek", "Tagalog"}
+    # Each split's images are exactly those of its classes in the full dataset.
+    c = omniglot.class_names.index(splits.val.class_names[0])
+    assert torch.equal(splits.val.data[:20], omniglot.data[omniglot.class_indices[c]])
+
+    with pytest.raises(ValueError, match="alphabet 'Greek' is listed in both the train and val"):
+        omniglot.split_by_alphabet(["Greek"], ["Greek"], ["Latin"])
+    with pytest.raises(ValueError, match="unknown alphabet 'Klingon' in the test split"):
+        omniglot.split_by_alphabet(["Greek"], ["Latin"], ["Klingon"])
+
+
+def test_character_split_is_disjoint_and_seeded(omniglot: Omniglot) -> None:
+    splits = omniglot.split_by_character(num_train=150, num_val=40, seed=0)
+    names = [set(s.class_names) for s in splits]
+    assert [len(n) for n in names] == [150, 40, 52]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
+    assert names[0] | names[1] | names[2] == set(omniglot.class_names)
+    again = omniglot.split_by_character(num_train=150, num_val=40, seed=0)
+    assert again.train.class_names == splits.train.class_names
+    other = omniglot.split_by_character(num_train=150, num_val=40, seed=1)
+    assert other.train.class_names != splits.train.class_names
+    with pytest.raises(ValueError, match="each split needs at least one class"):
+        omniglot.split_by_character(num_train=200, num_val=42)
+
+
+def test_rotations_add_classes_from_cached_tensors(omniglot: Omniglot) -> None:
+    rotated = omniglot.with_rotations()
+    assert rotated.num_classes == 4 * omniglot.num_classes == 968
+    assert len(rotated) == 4 * len(omniglot)
+    base = omniglot.num_classes
+    for c in (0, 100, 241):
+        original = omniglot.data[omniglot.class_indices[c]]
+        for turn in range(4):
+            images = rotated.data[rotated.class_indices[turn * base + c]]
+            assert torch.equal(images, torch.rot90(original, turn, dims=(-2, -1)))
+    assert rotated.class_names[base + 5] == omniglot.class_names[5] + "@rot90"
+    assert not torch.equal(rotated.data[rotated.class_indices[base]], omniglot.data[:20])
+
+
+def test_missing_root_and_sets_are_explained(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as err:
+        Omniglot(missing)
+    message = str(err.value)
+    assert f"Omniglot root folder {missing} does not exist" in message
+    assert str(missing / "images_background.zip") in message
+    assert str(missing / "images_evaluation.zip") in message
+    assert "download=True" in message
+
+    tmp_path.joinpath("omniglot").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        Omniglot(tmp_path / "omniglot", sets=["images_background_small1"])
+    message = str(err.value)
+    assert "lacks some Omniglot sets" in message
+    assert "images_background_small1.zip" in message
+    assert "copy images_background_small1.zip" in message
+
+
+def test_corrupt_png_in_zip_is_named(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "images_background.zip", "w") as archive:
+        archive.writestr("images_background/Alpha/character01/0001_01.png", b"not a png")
+    with pytest.raises(ValueError, match=r"cannot decode image file .*0001_01\.png"):
+        Omniglot(tmp_path, "images_background")
+
+
+def test_download_verifies_md5_and_writes_atomically(tmp_path: Path) -> None:
+    source = tmp_path / "source.zip"
+    source.write_bytes(b"omniglot bytes" * 1000)
+    good = md5sum(source)
+    dest = tmp_path / "out" / "images_background.zip"
+    download_file(source.as_uri(), dest, md5=good)
+    assert dest.read_bytes() == source.read_bytes()
+
+    bad_dest = tmp_path / "out" / "images_evaluation.zip"
+    with pytest.raises(OSError, match="checksum mismatch"):
+        download_file(source.as_uri(), bad_dest, md5="0" * 32)
+    assert not bad_dest.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images_background.zip"]
