@@ -1,0 +1,88 @@
+"""ANIL: adapt only the head; the body runs once per task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metalight.data.task import Task
+from metalight.functional import monkeypatch
+from metalight.lightning.module import Adaptation, MetaLearningModule, StepCallback
+from metalight.optim.registry import get_diff_optim
+
+__all__ = ["ANIL"]
+
+
+class ANIL(MetaLearningModule):
+    """Almost No Inner Loop (Raghu et al., 2020).
+
+    The body (``features``) is meta-learned but not adapted, so it runs once per task on the
+    support and query sets; only the head is unrolled.
+
+    Args:
+        model: a network with a body submodule and a head submodule, applied as
+            ``head(body(x))`` (every backbone of :mod:`metalight.models` is).
+        body: name of the body submodule.
+        head: name of the head submodule (the adapted parameters).
+        **kwargs: as for :class:`~metalight.lightning.MetaLearningModule`.
+
+    Example:
+        >>> from metalight.algorithms import ANIL
+        >>> from metalight.models import Conv4
+        >>> anil = ANIL(Conv4(hidden=8), inner_steps=5)
+    """
+
+    def __init__(
+        self, model: nn.Module, body: str = "features", head: str = "head", **kwargs: Any
+    ) -> None:
+        names = dict(model.named_children())
+        for role, name in (("body", body), ("head", head)):
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"ANIL {role}={name!r} matches no submodule of {type(model).__name__} "
+                    f"(its submodules: {', '.join(names) or 'none'})"
+                ) from None
+        if "adapt" in kwargs and kwargs["adapt"] not in (None, [head]):
+            raise ValueError("ANIL adapts its head only; do not pass adapt=")
+        kwargs["adapt"] = [head]
+        super().__init__(model, **kwargs)
+        self.body_name = body
+        self.head_name = head
+
+    def adapt(
+        self,
+        task: Task,
+        steps: int,
+        *,
+        create_graph: bool,
+        on_step: StepCallback | None = None,
+    ) -> Adaptation:
+        body = self.model.get_submodule(self.body_name)
+        head = self.model.get_submodule(self.head_name)
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            support = body(task.support_x)
+            query = body(task.query_x)
+        fhead = monkeypatch(head, detach_initial_weights=False, track_higher_grads=create_graph)
+        diffopt = get_diff_optim(
+            self.inner_optimizer, head.parameters(), fmodel=fhead, track_higher_grads=create_graph
+        )
+        names = [f"{self.head_name}.{n}" for n, _ in head.named_parameters()]
+
+        def predict(x: Tensor) -> Tensor:
+            # Query features were computed once; other inputs go through the body.
+            features = query if x is task.query_x else body(x)
+            return fhead(features)
+
+        self.unroll(
+            diffopt,
+            lambda: self.inner_loss(fhead(support), task.support_y, task),
+            steps,
+            create_graph,
+            fast_weights=lambda: zip(names, fhead.fast_params or [], strict=True),
+            after_step=None if on_step is None else lambda k: on_step(k, predict),
+        )
+        return Adaptation(predict, fhead.fast_params or [])

@@ -1,0 +1,5 @@
+"""Lightning integration: the ``MetaLearningModule`` base class."""
+
+from metalight.lightning.module import Adaptation, MetaLearningModule, NonFiniteError
+
+__all__ = ["Adaptation", "MetaLearningModule", "NonFiniteError"]

@@ -1,0 +1,536 @@
+"""``MetaLearningModule``: the Lightning base class whose training step is an inner unroll.
+
+One meta-iteration: for every task of the meta-batch, adapt the model on the support set with
+a differentiable optimizer, compute the query loss with the adapted fast weights, take that
+task's contribution to the meta-gradient at once (so its unroll graph is freed before the
+next task runs), and return one scalar to Lightning. The scalar is built so that its
+gradient is the accumulated meta-gradient: Lightning then runs one backward, one DDP
+all-reduce, gradient clipping, accumulation, precision scaling and the outer step as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import CatMetric, MeanMetric
+
+from metalight.data.task import Task, TaskBatch
+from metalight.functional import FunctionalModule, monkeypatch
+from metalight.optim.differentiable import DifferentiableOptimizer
+from metalight.optim.registry import get_diff_optim
+from metalight.unroll import UnrollPolicy
+
+__all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+InnerLR = Literal["scalar", "per_layer", "per_layer_per_step", "per_parameter"]
+StepCallback = Callable[[int, Callable[[Tensor], Tensor]], None]
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf appeared in an inner step (loss, gradient or fast weights)."""
+
+
+class Adaptation:
+    """The result of adapting to one task: a predictor with the adapted fast weights.
+
+    Attributes:
+        predict: maps inputs to outputs with the adapted weights.
+        fast_params: the adapted fast weights (in the adapted module's order).
+    """
+
+    def __init__(self, predict: Callable[[Tensor], Tensor], fast_params: list[Tensor]) -> None:
+        self.predict = predict
+        self.fast_params = fast_params
+
+
+def _default_inner_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01)
+
+
+def _default_outer_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class MetaLearningModule(L.LightningModule):
+    """Gradient-based meta-learning (MAML by default) as a ``LightningModule``.
+
+    Subclass it to write an algorithm: the small hooks are :meth:`inner_loss`,
+    :meth:`outer_loss`, :meth:`adaptable_parameters`, :meth:`adapt` and
+    :meth:`task_meta_gradient`. Validation and test adapt too (``eval_inner_steps``, no
+    higher-order graph) and log pre- and post-adaptation loss and accuracy with a 95%
+    confidence interval over episodes. Use a ``Trainer(inference_mode=False)``: adapting
+    needs gradients in validation and test.
+
+    Args:
+        model: the network; every trainable parameter is meta-learned.
+        inner_optim: builds the inner ``torch.optim`` optimizer from parameters (a class
+            with ``functools.partial`` hyperparameters, e.g. ``partial(torch.optim.SGD,
+            lr=0.4)``); any optimizer with a differentiable version works.
+        inner_steps: inner steps per task in training (0 trains without adaptation).
+        eval_inner_steps: inner steps in validation and test (default: ``inner_steps``).
+        eval_report_steps: extra step counts at which evaluation also logs the query loss
+            and accuracy (e.g. ``[1]`` with 10 eval steps, as in the MAML paper).
+        outer_optim: builds the outer optimizer from the meta-parameters (default Adam 1e-3).
+        scheduler: builds an LR scheduler from the outer optimizer (stepped per step).
+        first_order: the first-order approximation (FOMAML) instead of second order.
+        truncate: meta-gradient only through the last ``truncate`` inner steps (earlier
+            steps first-order); None for all steps.
+        adapt: names (or name prefixes) of the parameters adapted in the inner loop;
+            None adapts all trainable parameters.
+        learn_inner_lr: learnable inner learning rates: "scalar" (one), "per_layer" (one
+            per adapted parameter tensor), "per_layer_per_step" (MAML++), "per_parameter"
+            (Meta-SGD: one per weight entry). None keeps the optimizer's fixed lr.
+        multi_step_loss: MAML++'s per-step losses: the meta-loss averages the query loss
+            after every inner step instead of only the last.
+        task_type: "classification" (cross-entropy, accuracy), "regression" (MSE) or
+            "auto" (from the target dtype).
+        nan_policy: what a NaN or Inf in an inner step does: "raise" (an error naming the
+            task, step and parameter), "skip" (drop that task from the meta-batch with a
+            warning) or "off" (no check).
+
+    Example:
+        >>> import functools, torch
+        >>> from metalight.lightning import MetaLearningModule
+        >>> from metalight.models import MLP
+        >>> module = MetaLearningModule(
+        ...     MLP(), inner_optim=functools.partial(torch.optim.SGD, lr=0.01), inner_steps=1)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optim: OptimizerFactory | None = None,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        eval_report_steps: Sequence[int] | None = None,
+        outer_optim: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        first_order: bool = False,
+        truncate: int | None = None,
+        adapt: Sequence[str] | None = None,
+        learn_inner_lr: InnerLR | None = None,
+        multi_step_loss: bool = False,
+        task_type: Literal["auto", "classification", "regression"] = "auto",
+        nan_policy: Literal["raise", "skip", "off"] = "raise",
+    ) -> None:
+        super().__init__()
+        for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if nan_policy not in ("raise", "skip", "off"):
+            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'off', got {nan_policy!r}")
+        if task_type not in ("auto", "classification", "regression"):
+            raise ValueError(
+                f"task_type must be 'auto', 'classification' or 'regression', got {task_type!r}"
+            )
+        self.model = model
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.eval_report_steps = sorted(
+            {s for s in (eval_report_steps or []) if s != self.eval_inner_steps}
+        )
+        if any(s < 0 or s > self.eval_inner_steps for s in self.eval_report_steps):
+            raise ValueError(
+                f"eval_report_steps {list(eval_report_steps or [])} must lie in "
+                f"0..eval_inner_steps ({self.eval_inner_steps})"
+            )
+        self.policy = UnrollPolicy(first_order=first_order, truncate=truncate)
+        self.multi_step_loss = multi_step_loss
+        self.task_type = task_type
+        self.nan_policy = nan_policy
+        self._inner_optim_factory = inner_optim or _default_inner_optim
+        self._outer_optim_factory = outer_optim or _default_outer_optim
+        self._scheduler_factory = scheduler
+
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable parameters: meta-learning needs "
+                "at least one parameter with requires_grad=True"
+            )
+        self._adapted_names = self._select_adapted(adapt, trainable)
+        params = dict(model.named_parameters())
+        # One group per adapted tensor, so learnable rates can be set per tensor and per step.
+        self.inner_optimizer = self._inner_optim_factory(
+            [{"params": [params[n]]} for n in self._adapted_names]
+        )
+        self.learn_inner_lr = learn_inner_lr
+        self.inner_lrs = self._make_inner_lrs(learn_inner_lr, params)
+        self.save_hyperparameters(
+            ignore=["model", "inner_optim", "outer_optim", "scheduler"], logger=False
+        )
+        self._setup_metrics()
+
+    # --- configuration helpers ---------------------------------------------------------------
+    def _select_adapted(self, adapt: Sequence[str] | None, trainable: list[str]) -> list[str]:
+        if adapt is None:
+            return trainable
+        if isinstance(adapt, str):
+            adapt = [adapt]
+        chosen = []
+        for pattern in adapt:
+            matches = [n for n in trainable if n == pattern or n.startswith(pattern + ".")]
+            if not matches:
+                raise ValueError(
+                    f"adapt={pattern!r} matches no trainable parameter of "
+                    f"{type(self.model).__name__}; its parameters are: {', '.join(trainable)}"
+                )
+            chosen.extend(m for m in matches if m not in chosen)
+        return [n for n in trainable if n in chosen]
+
+    def _base_lr(self) -> float:
+        lr = self.inner_optimizer.param_groups[0].get("lr")
+        if lr is None:
+            raise ValueError(
+                f"learn_inner_lr needs an inner optimizer with an 'lr' hyperparameter; "
+                f"{type(self.inner_optimizer).__name__} has none"
+            )
+        return float(lr)
+
+    def _make_inner_lrs(
+        self, mode: InnerLR | None, params: dict[str, nn.Parameter]
+    ) -> nn.ParameterList:
+        lrs = nn.ParameterList()
+        if mode is None:
+            return lrs
+        lr = self._base_lr()
+        n = len(self._adapted_names)
+        if mode == "scalar":
+            lrs.append(nn.Parameter(torch.tensor(lr)))
+        elif mode == "per_layer":
+            lrs.extend(nn.Parameter(torch.tensor(lr)) for _ in range(n))
+        elif mode == "per_layer_per_step":
+            steps = max(self.inner_steps, self.eval_inner_steps, 1)
+            lrs.extend(nn.Parameter(torch.full((steps,), lr)) for _ in range(n))
+        elif mode == "per_parameter":
+            lrs.extend(
+                nn.Parameter(torch.full_like(params[name].detach(), lr))
+                for name in self._adapted_names
+            )
+        else:
+            raise ValueError(
+                "learn_inner_lr must be None, 'scalar', 'per_layer', 'per_layer_per_step' or "
+                f"'per_parameter', got {mode!r}"
+            )
+        return lrs
+
+    def inner_override(self, step: int) -> dict[str, list[Any]] | None:
+        """Hyperparameters of inner step ``step`` (learnable learning rates), or None."""
+        mode = self.learn_inner_lr
+        if mode is None:
+            return None
+        if mode == "scalar":
+            return {"lr": [self.inner_lrs[0]]}
+        if mode == "per_layer_per_step":
+            last = self.inner_lrs[0].shape[0] - 1
+            return {"lr": [lr[min(step, last)] for lr in self.inner_lrs]}
+        return {"lr": list(self.inner_lrs)}
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def is_classification(self, target: Tensor) -> bool:
+        """Whether ``target`` is a classification target (by ``task_type`` or its dtype)."""
+        if self.task_type == "auto":
+            return not torch.is_floating_point(target)
+        return self.task_type == "classification"
+
+    def inner_loss(self, output: Tensor, target: Tensor, task: Task) -> Tensor:
+        """The loss minimised on the support set (cross-entropy or MSE by default)."""
+        if self.is_classification(target):
+            return F.cross_entropy(output, target)
+        return F.mse_loss(output, target)
+
+    def outer_loss(self, output: Tensor, target: Tensor, task: Task) -> Tensor:
+        """The loss of the adapted model on the query set (the inner loss by default)."""
+        return self.inner_loss(output, target, task)
+
+    def adaptable_parameters(self) -> list[str]:
+        """Names of the parameters the inner loop adapts."""
+        return list(self._adapted_names)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Everything the outer loop learns: trainable model weights and learnable rates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def make_inner_optimizer(
+        self, fmodel: FunctionalModule, create_graph: bool
+    ) -> DifferentiableOptimizer:
+        """The differentiable inner optimizer for one task's unroll."""
+        return get_diff_optim(
+            self.inner_optimizer,
+            self.model.parameters(),
+            fmodel=fmodel,
+            track_higher_grads=create_graph,
+        )
+
+    def adapt(
+        self,
+        task: Task,
+        steps: int,
+        *,
+        create_graph: bool,
+        on_step: StepCallback | None = None,
+    ) -> Adaptation:
+        """Adapt to ``task``'s support set with ``steps`` differentiable inner steps.
+
+        Args:
+            task: the task.
+            steps: number of inner steps.
+            create_graph: keep the graph for the meta-gradient (training) or not (eval).
+            on_step: called as ``on_step(steps_done, predict)`` after every inner step.
+
+        Returns:
+            The :class:`Adaptation` (predictor with the adapted weights).
+        """
+        fmodel = monkeypatch(
+            self.model, detach_initial_weights=False, track_higher_grads=create_graph
+        )
+        diffopt = self.make_inner_optimizer(fmodel, create_graph)
+        self.unroll(
+            diffopt,
+            lambda: self.inner_loss(fmodel(task.support_x), task.support_y, task),
+            steps,
+            create_graph,
+            fast_weights=lambda: zip(self._all_names(), fmodel.fast_params or [], strict=True),
+            after_step=None if on_step is None else lambda k: on_step(k, fmodel),
+        )
+        return Adaptation(fmodel, fmodel.fast_params or [])
+
+    def _all_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters()]
+
+    def unroll(
+        self,
+        diffopt: DifferentiableOptimizer,
+        support_loss: Callable[[], Tensor],
+        steps: int,
+        create_graph: bool,
+        fast_weights: Callable[[], Iterable[tuple[str, Tensor]]],
+        after_step: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run ``steps`` inner steps of ``diffopt`` on ``support_loss`` under the unroll policy.
+
+        Checks every inner loss for NaN/Inf (one scalar check per step); when one appears
+        the error names the step and the fast weights that went bad.
+        """
+        for step in range(steps):
+            diffopt.first_order = not create_graph or self.policy.first_order_at(step, steps)
+            loss = support_loss()
+            if self.nan_policy != "off" and not bool(torch.isfinite(loss.detach()).all()):
+                raise NonFiniteError(self._describe_nonfinite(loss, step, fast_weights()))
+            diffopt.step(loss, override=self.inner_override(step))
+            if after_step is not None:
+                after_step(step + 1)
+
+    @staticmethod
+    def _describe_nonfinite(
+        loss: Tensor, step: int, fast_weights: Iterable[tuple[str, Tensor]]
+    ) -> str:
+        weights = [(n, p.detach()) for n, p in fast_weights]
+        bad = [n for n, p in weights if not bool(torch.isfinite(p).all())]
+        if bad:
+            where = (
+                f"; fast weights already non-finite: {', '.join(bad)} (from inner step "
+                f"{step - 1}: lower the inner learning rate or clip gradients with grad_callback)"
+            )
+        elif weights:
+            name, largest = max(((n, p.abs().max().item()) for n, p in weights), key=lambda t: t[1])
+            where = (
+                f" (the fast weights are finite; the largest is {largest:.3g} in {name!r}: a "
+                "diverging inner loop points to a too large inner learning rate, a small one "
+                "to non-finite support data or loss)"
+            )
+        else:
+            where = ""
+        return f"non-finite inner loss {loss.detach().item()} at inner step {step}{where}"
+
+    def task_meta_gradient(
+        self, task: Task, meta_params: list[nn.Parameter], scale: float
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """One task's query loss (detached) and its contribution to the meta-gradient.
+
+        The default differentiates ``scale * outer_loss`` through the unroll. Algorithms with
+        their own meta-gradient (Reptile, iMAML) override this.
+        """
+        steps = self.inner_steps
+        step_losses: list[Tensor] = []
+
+        def per_step(done: int, predict: Callable[[Tensor], Tensor]) -> None:
+            if done < steps:
+                step_losses.append(self.outer_loss(predict(task.query_x), task.query_y, task))
+
+        adaptation = self.adapt(
+            task, steps, create_graph=True, on_step=per_step if self.multi_step_loss else None
+        )
+        loss = self.outer_loss(adaptation.predict(task.query_x), task.query_y, task)
+        if self.nan_policy != "off" and not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(f"non-finite query loss {loss.item()} after {steps} inner steps")
+        if step_losses:
+            loss = torch.stack([*step_losses, loss]).mean()
+        if not loss.requires_grad:
+            return loss.detach(), [None] * len(meta_params)
+        grads = torch.autograd.grad(loss * scale, meta_params, allow_unused=True)
+        return loss.detach(), list(grads)
+
+    # --- Lightning ------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """The model with its meta-learned (unadapted) weights."""
+        return self.model(x)
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        meta_params = self.meta_parameters()
+        accumulated: list[Tensor | None] = [None] * len(meta_params)
+        losses = []
+        n = len(batch)
+        for index in range(n):
+            task = batch[index]
+            try:
+                loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
+            except NonFiniteError as err:
+                if self.nan_policy != "skip":
+                    raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}") from err
+                self._warn_skipped(index, batch_idx, err)
+                continue
+            grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+            if self.nan_policy != "off" and not grads_finite:
+                err = NonFiniteError("non-finite meta-gradient")
+                if self.nan_policy == "raise":
+                    raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}")
+                self._warn_skipped(index, batch_idx, err)
+                continue
+            losses.append(loss)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    accumulated[i] = g if accumulated[i] is None else accumulated[i] + g
+        if not losses:
+            raise NonFiniteError(
+                f"every task of batch {batch_idx} was skipped for non-finite values"
+            )
+        meta_loss = torch.stack(losses).mean()
+        self._log("train/meta_loss", meta_loss, prog_bar=True, batch_size=n, sync_dist=True)
+        if len(losses) < n:
+            # Skipped tasks contribute nothing; rescale so the kept ones form a mean.
+            accumulated = [g * (n / len(losses)) if g is not None else None for g in accumulated]
+        return self._surrogate(meta_params, accumulated, meta_loss)
+
+    @staticmethod
+    def _surrogate(
+        meta_params: list[nn.Parameter], grads: list[Tensor | None], value: Tensor
+    ) -> Tensor:
+        # d/dp of sum(p * g) is g: one backward (one DDP all-reduce) applies the meta-gradient
+        # gathered task by task, and every meta-parameter takes part, so DDP never sees an
+        # unused parameter. The returned value is the meta-loss, for logging.
+        terms = [
+            (p * (g if g is not None else torch.zeros_like(p)).to(p.dtype)).sum()
+            for p, g in zip(meta_params, grads, strict=True)
+        ]
+        surrogate = torch.stack([t.float() for t in terms]).sum()
+        return surrogate + (value.float() - surrogate.detach())
+
+    def _warn_skipped(self, index: int, batch_idx: int, err: Exception) -> None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"skipping task {index} of batch {batch_idx}: {err}")
+        self._log("train/skipped_tasks", 1.0, reduce_fx="sum", batch_size=1)
+
+    def _log(self, name: str, value: Any, **kwargs: Any) -> None:
+        # Steps may run outside a Trainer (tests, notebooks); logging then has nowhere to go.
+        if self._trainer is not None:
+            self.log(name, value, **kwargs)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def _setup_metrics(self) -> None:
+        self._metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            names = ["loss_pre", "loss_post", "acc_pre", "acc_post"]
+            names += [f"{kind}_step{s}" for s in self.eval_report_steps for kind in ("loss", "acc")]
+            for name in names:
+                self._metrics[f"{stage}_{name}"] = MeanMetric()
+            self._metrics[f"{stage}_episodes"] = CatMetric()
+
+    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "MetaLearningModule adapts to each task in validation and test, which needs "
+                "gradients: create the Trainer with inference_mode=False, e.g. "
+                "lightning.Trainer(..., inference_mode=False)"
+            )
+        with torch.enable_grad():
+            for task in batch:
+                self._evaluate_task(task, stage)
+
+    def _evaluate_task(self, task: Task, stage: str) -> None:
+        classification = self.is_classification(task.query_y)
+        m = self._metrics
+
+        def record(name: str, output: Tensor) -> Tensor:
+            loss = self.outer_loss(output, task.query_y, task).detach()
+            m[f"{stage}_loss_{name}"].update(loss)
+            if not classification:
+                return loss
+            acc = (output.argmax(-1) == task.query_y).float().mean()
+            m[f"{stage}_acc_{name}"].update(acc)
+            return acc
+
+        def report(done: int, predict: Callable[[Tensor], Tensor]) -> None:
+            if done in self.eval_report_steps:
+                with torch.no_grad():
+                    record(f"step{done}", predict(task.query_x))
+
+        with torch.no_grad():
+            record("pre", self.model(task.query_x))
+        if 0 in self.eval_report_steps:
+            report(0, self.model)
+        adaptation = self.adapt(task, self.eval_inner_steps, create_graph=False, on_step=report)
+        with torch.no_grad():
+            value = record("post", adaptation.predict(task.query_x))
+        m[f"{stage}_episodes"].update(value.reshape(1))
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        m = self._metrics
+        classification = m[f"{stage}_acc_pre"].update_count > 0
+        for name, metric in m.items():
+            if not name.startswith(stage + "_") or name.endswith("_episodes"):
+                continue
+            if metric.update_count == 0 and not classification and "_acc_" in name:
+                continue
+            self.log(f"{stage}/{name[len(stage) + 1 :]}", metric.compute(), prog_bar="post" in name)
+            metric.reset()
+        episodes = m[f"{stage}_episodes"]
+        values = episodes.compute() if episodes.update_count else torch.zeros(0)
+        if values.numel() > 1:
+            ci = 1.96 * values.float().std() / math.sqrt(values.numel())
+            key = "acc_post_ci95" if classification else "loss_post_ci95"
+            self.log(f"{stage}/{key}", ci)
+            self.log(f"{stage}/episodes", float(values.numel()))
+        episodes.reset()
+
+    # --- optimizers -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self._outer_optim_factory(self.meta_parameters())
+        if self._scheduler_factory is None:
+            return optimizer
+        scheduler = self._scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
