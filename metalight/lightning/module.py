@@ -22,6 +22,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, monkeypatch
+from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import get_diff_optim
 from metalight.unroll import UnrollPolicy
@@ -380,6 +381,10 @@ class MetaLearningModule(L.LightningModule):
         return loss.detach(), list(grads)
 
     # --- Lightning ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            check_strategy(self.trainer)
+
     def forward(self, x: Tensor) -> Tensor:
         """The model with its meta-learned (unadapted) weights."""
         return self.model(x)
