@@ -193,6 +193,21 @@ class FunctionalModule:
         with root.modes(module, self._prefix):
             return functional_call(module, tensors, args, kwargs)
 
+    def call(self, params: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Run with ``params`` as the fast weights for this call only (history untouched).
+
+        ``params`` are the whole model's fast weights, in ``named_parameters()`` order.
+        """
+        root = self._root
+        if len(params) != len(root.names):
+            root.update(params)  # raises the explanatory error
+        saved = root.history
+        root.history = [list(params)]
+        try:
+            return self(*args, **kwargs)
+        finally:
+            root.history = saved
+
     def forward(self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any) -> Any:
         """Same as calling the view."""
         return self(*args, params=params, **kwargs)

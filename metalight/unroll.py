@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metalight.functional import FunctionalModule, monkeypatch
-from metalight.optim.differentiable import DifferentiableOptimizer, Override
+from metalight.optim.differentiable import (
+    DifferentiableOptimizer,
+    FunctionalCoreOptimizer,
+    Override,
+)
 from metalight.optim.registry import get_diff_optim
 
-__all__ = ["UnrollPolicy", "innerloop_ctx"]
+__all__ = ["UnrollPolicy", "checkpointed_unroll", "innerloop_ctx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,9 @@ class UnrollPolicy:
         truncate: second order through the last ``truncate`` steps only; earlier steps run
             first-order (no higher-order graph is kept for them), and the optimizer state
             (momentum, Adam moments) carries across the boundary. None: all steps.
+        checkpoint: recompute each inner step's activations in the backward pass instead
+            of storing them: memory grows with the number of steps only by the fast
+            weights and optimizer state. Needs a built-in (functional-core) optimizer.
 
     Example:
         >>> from metalight.unroll import UnrollPolicy
@@ -38,6 +45,7 @@ class UnrollPolicy:
 
     first_order: bool = False
     truncate: int | None = None
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.truncate is not None and (not isinstance(self.truncate, int) or self.truncate < 0):
@@ -124,3 +132,197 @@ def innerloop_ctx(
     yield fmodel, diffopt
     if sync_buffers:
         fmodel.copy_buffers_to_module()
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One inner step that keeps only its inputs and recomputes its graph in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Any:
+        ctx.run = run
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            # The forward pass needs first-order gradients only, and no graph survives it.
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outputs = run(leaves, create_graph=False)
+        outputs = tuple(o.detach() for o in outputs)
+        ctx.mark_non_differentiable(outputs[-1])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
+        inputs = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outputs = ctx.run(leaves, create_graph=True)[:-1]
+            pairs = [
+                (o, g)
+                for o, g in zip(outputs, grad_outputs[:-1], strict=True)
+                if o.requires_grad and g is not None
+            ]
+            wrt = [t for t in leaves if t.requires_grad]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                )
+                if pairs and wrt
+                else [None] * len(wrt)
+            )
+        return (None, *[next(found) if t.requires_grad else None for t in leaves])
+
+
+def _flatten_hypers(
+    hypers: list[dict[str, Any]],
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[dict[str, Any]]]]:
+    """Tensor hyperparameters (learnable rates) as explicit inputs of a recomputed step."""
+    tensors: list[Tensor] = []
+    layout: list[dict[str, Any]] = []
+    for hyper in hypers:
+        entry: dict[str, Any] = {}
+        for key, value in hyper.items():
+            if isinstance(value, Tensor):
+                entry[key] = _Slot(len(tensors))
+                tensors.append(value)
+            elif isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value):
+                slots = []
+                for v in value:
+                    if isinstance(v, Tensor):
+                        slots.append(_Slot(len(tensors)))
+                        tensors.append(v)
+                    else:
+                        slots.append(v)
+                entry[key] = tuple(slots)
+            else:
+                entry[key] = value
+        layout.append(entry)
+
+    def rebuild(new: Sequence[Tensor]) -> list[dict[str, Any]]:
+        def put(v: Any) -> Any:
+            if isinstance(v, _Slot):
+                return new[v]
+            if isinstance(v, tuple):
+                return tuple(put(x) for x in v)
+            return v
+
+        return [{k: put(v) for k, v in entry.items()} for entry in layout]
+
+    return tensors, rebuild
+
+
+class _Slot(int):
+    """Marks where a tensor of a flattened optimizer state goes back."""
+
+
+def _flatten_state(
+    states: list[Any],
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Any]]]:
+    """Tensors of NamedTuple group states, and a function that puts tensors back."""
+    tensors: list[Tensor] = []
+    layout = []
+    for state in states:
+        fields = []
+        for values in state:
+            slots: list[Any] = []
+            for v in values:
+                if isinstance(v, Tensor):
+                    slots.append(_Slot(len(tensors)))
+                    tensors.append(v)
+                else:
+                    slots.append(v)
+            fields.append(slots)
+        layout.append((type(state), fields))
+
+    def rebuild(new: Sequence[Tensor]) -> list[Any]:
+        return [
+            state_type(
+                *[[new[v] if isinstance(v, _Slot) else v for v in slots] for slots in fields]
+            )
+            for state_type, fields in layout
+        ]
+
+    return tensors, rebuild
+
+
+def checkpointed_unroll(
+    fmodel: FunctionalModule,
+    diffopt: DifferentiableOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    *,
+    override: Callable[[int], Override | None] | None = None,
+    first_order_at: Callable[[int], bool] | None = None,
+    on_loss: Callable[[Tensor, int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
+    """Unroll ``steps`` differentiable steps, recomputing each step's graph in backward.
+
+    Each step (inner forward, gradient, optimizer update) is one autograd node that keeps
+    only its inputs (fast weights, optimizer state, tensor hyperparameters): the forward pass
+    builds no second-order graph, and the backward pass rebuilds one step's graph at a time.
+    The meta-gradient equals the plain unroll's. Higher-order derivatives of the meta-loss
+    (a gradient of the meta-gradient) are not available through it, and running BatchNorm
+    statistics are updated again when a step is recomputed.
+
+    Args:
+        fmodel: the functional model; its fast weights are advanced.
+        diffopt: a built-in differentiable optimizer (pure functional core).
+        support_loss: the inner loss as a function of the fast weights (no side effects:
+            it runs again in the backward pass).
+        steps: number of inner steps.
+        override: hyperparameters of each step (e.g. learnable learning rates).
+        first_order_at: whether a step runs first-order (truncated unrolls).
+        on_loss: called with each step's detached inner loss (NaN checks).
+        after_step: called with the number of steps done.
+
+    Raises:
+        TypeError: for an optimizer without a pure functional core.
+    """
+    if not isinstance(diffopt, FunctionalCoreOptimizer):
+        raise TypeError(
+            f"the checkpointed unroll needs a built-in differentiable optimizer with a pure "
+            f"functional core; {type(diffopt).__name__} updates in place (its _update would run "
+            "twice when recomputed). Use the plain unroll for custom optimizers."
+        )
+    params = list(fmodel.fast_params or [])
+    n = len(params)
+    states = diffopt.group_states(params)
+    for step in range(steps):
+        if override is not None and (values := override(step)) is not None:
+            diffopt._apply_override(values)
+        hyper_tensors, hypers = _flatten_hypers(diffopt.hyperparameters())
+        first_order = bool(first_order_at(step)) if first_order_at is not None else False
+        state_tensors, rebuild = _flatten_state(states)
+        structure: list[Callable[[Sequence[Tensor]], list[Any]]] = []
+
+        def run(
+            inputs: Sequence[Tensor],
+            create_graph: bool,
+            hypers: Callable[[Sequence[Tensor]], list[dict[str, Any]]] = hypers,
+            first_order: bool = first_order,
+            rebuild: Callable[[Sequence[Tensor]], list[Any]] = rebuild,
+            structure: list[Callable[[Sequence[Tensor]], list[Any]]] = structure,
+            n_state: int = len(state_tensors),
+        ) -> tuple[Tensor, ...]:
+            current = list(inputs[:n])
+            loss = support_loss(current)
+            new_params, new_states = diffopt.pure_step(
+                loss,
+                current,
+                rebuild(inputs[n : n + n_state]),
+                hypers(inputs[n + n_state :]),
+                first_order=first_order or not create_graph,
+            )
+            new_tensors, new_rebuild = _flatten_state(new_states)
+            if not structure:
+                structure.append(new_rebuild)
+            return (*new_params, *new_tensors, loss.detach())
+
+        outputs = _RecomputedStep.apply(run, *params, *state_tensors, *hyper_tensors)
+        if on_loss is not None:
+            on_loss(outputs[-1], step)
+        params = list(outputs[:n])
+        states = structure[0](outputs[n:-1])
+        fmodel.update_params(params)
+        if after_step is not None:
+            after_step(step + 1)
+    diffopt.store_group_states(states)

@@ -78,11 +78,12 @@ class ANIL(MetaLearningModule):
             return fhead(features)
 
         self.unroll(
+            fhead,
             diffopt,
-            lambda: self.inner_loss(fhead(support), task.support_y, task),
+            lambda params: self.inner_loss(fhead.call(params, support), task.support_y, task),
             steps,
             create_graph,
-            fast_weights=lambda: zip(names, fhead.fast_params or [], strict=True),
+            names=names,
             after_step=None if on_step is None else lambda k: on_step(k, predict),
         )
         return Adaptation(predict, fhead.fast_params or [])

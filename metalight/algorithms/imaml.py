@@ -97,20 +97,13 @@ class IMAML(MetaLearningModule):
         )
         lam = self.reg_lambda
 
-        def proximal_loss() -> Tensor:
-            params = fmodel.fast_params or []
+        def proximal_loss(params: list[Tensor]) -> Tensor:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-            loss = self.inner_loss(fmodel(task.support_x), task.support_y, task)
+            loss = self.inner_loss(fmodel.call(params, task.support_x), task.support_y, task)
             return loss + 0.5 * lam * prox
 
         names = [n for n, _ in self.model.named_parameters()]
-        self.unroll(
-            diffopt,
-            proximal_loss,
-            self.inner_steps,
-            False,
-            fast_weights=lambda: zip(names, fmodel.fast_params or [], strict=True),
-        )
+        self.unroll(fmodel, diffopt, proximal_loss, self.inner_steps, False, names=names)
         return [p.detach().requires_grad_() for p in fmodel.fast_params or []]
 
     def task_meta_gradient(

@@ -25,7 +25,7 @@ from metalight.functional import FunctionalModule, monkeypatch
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import get_diff_optim
-from metalight.unroll import UnrollPolicy
+from metalight.unroll import UnrollPolicy, checkpointed_unroll
 
 __all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
 
@@ -84,6 +84,9 @@ class MetaLearningModule(L.LightningModule):
         first_order: the first-order approximation (FOMAML) instead of second order.
         truncate: meta-gradient only through the last ``truncate`` inner steps (earlier
             steps first-order); None for all steps.
+        checkpoint_unroll: recompute each inner step's activations during the backward
+            pass instead of storing them (memory grows with the inner steps only by the fast
+            weights; the meta-gradient is unchanged). Needs a built-in inner optimizer.
         adapt: names (or name prefixes) of the parameters adapted in the inner loop;
             None adapts all trainable parameters.
         learn_inner_lr: learnable inner learning rates: "scalar" (one), "per_layer" (one
@@ -116,6 +119,7 @@ class MetaLearningModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         first_order: bool = False,
         truncate: int | None = None,
+        checkpoint_unroll: bool = False,
         adapt: Sequence[str] | None = None,
         learn_inner_lr: InnerLR | None = None,
         multi_step_loss: bool = False,
@@ -143,7 +147,9 @@ class MetaLearningModule(L.LightningModule):
                 f"eval_report_steps {list(eval_report_steps or [])} must lie in "
                 f"0..eval_inner_steps ({self.eval_inner_steps})"
             )
-        self.policy = UnrollPolicy(first_order=first_order, truncate=truncate)
+        self.policy = UnrollPolicy(
+            first_order=first_order, truncate=truncate, checkpoint=checkpoint_unroll
+        )
         self.multi_step_loss = multi_step_loss
         self.task_type = task_type
         self.nan_policy = nan_policy
@@ -295,11 +301,14 @@ class MetaLearningModule(L.LightningModule):
         )
         diffopt = self.make_inner_optimizer(fmodel, create_graph)
         self.unroll(
+            fmodel,
             diffopt,
-            lambda: self.inner_loss(fmodel(task.support_x), task.support_y, task),
+            lambda params: self.inner_loss(
+                fmodel.call(params, task.support_x), task.support_y, task
+            ),
             steps,
             create_graph,
-            fast_weights=lambda: zip(self._all_names(), fmodel.fast_params or [], strict=True),
+            names=self._all_names(),
             after_step=None if on_step is None else lambda k: on_step(k, fmodel),
         )
         return Adaptation(fmodel, fmodel.fast_params or [])
@@ -309,23 +318,51 @@ class MetaLearningModule(L.LightningModule):
 
     def unroll(
         self,
+        fmodel: FunctionalModule,
         diffopt: DifferentiableOptimizer,
-        support_loss: Callable[[], Tensor],
+        support_loss: Callable[[list[Tensor]], Tensor],
         steps: int,
         create_graph: bool,
-        fast_weights: Callable[[], Iterable[tuple[str, Tensor]]],
+        names: list[str],
         after_step: Callable[[int], None] | None = None,
     ) -> None:
-        """Run ``steps`` inner steps of ``diffopt`` on ``support_loss`` under the unroll policy.
+        """Run ``steps`` inner steps of ``diffopt`` on ``fmodel`` under the unroll policy.
 
-        Checks every inner loss for NaN/Inf (one scalar check per step); when one appears
-        the error names the step and the fast weights that went bad.
+        Args:
+            fmodel: the functional view being adapted (its fast weights move on).
+            diffopt: its differentiable optimizer.
+            support_loss: the inner loss as a function of the fast weights.
+            steps: number of inner steps.
+            create_graph: keep the graph for the meta-gradient.
+            names: the names of ``fmodel``'s fast weights, for error messages.
+            after_step: called with the number of steps done after each step.
+
+        Every inner loss is checked for NaN/Inf (one scalar check per step); when one
+        appears the error names the step and the fast weights that went bad.
         """
+        check = self.nan_policy != "off"
+
+        def guard(loss: Tensor, step: int) -> None:
+            if check and not bool(torch.isfinite(loss).all()):
+                weights = zip(names, fmodel.fast_params or [], strict=True)
+                raise NonFiniteError(self._describe_nonfinite(loss, step, weights))
+
+        if create_graph and self.policy.checkpoint:
+            checkpointed_unroll(
+                fmodel,
+                diffopt,
+                support_loss,
+                steps,
+                override=self.inner_override,
+                first_order_at=lambda step: self.policy.first_order_at(step, steps),
+                on_loss=guard,
+                after_step=after_step,
+            )
+            return
         for step in range(steps):
             diffopt.first_order = not create_graph or self.policy.first_order_at(step, steps)
-            loss = support_loss()
-            if self.nan_policy != "off" and not bool(torch.isfinite(loss.detach()).all()):
-                raise NonFiniteError(self._describe_nonfinite(loss, step, fast_weights()))
+            loss = support_loss(fmodel.fast_params or [])
+            guard(loss.detach(), step)
             diffopt.step(loss, override=self.inner_override(step))
             if after_step is not None:
                 after_step(step + 1)

@@ -221,7 +221,9 @@ class DifferentiableOptimizer:
             self._fmodel.update_params(new_params)
         return new_params
 
-    def _grads(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+    def _grads(
+        self, loss: Tensor, params: list[Tensor], first_order: bool | None = None
+    ) -> list[Tensor | None]:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 "step() needs a scalar loss tensor; reduce it first, e.g. loss.mean() "
@@ -236,7 +238,9 @@ class DifferentiableOptimizer:
                 "compute it from the functional model's output, e.g. loss_fn(fmodel(x), y), "
                 "not from the original module or from detached tensors"
             )
-        create_graph = self._track_higher_grads and not self._first_order
+        if first_order is None:
+            first_order = self._first_order
+        create_graph = self._track_higher_grads and not first_order
         found = torch.autograd.grad(
             loss, [params[i] for i in targets], create_graph=create_graph, allow_unused=True
         )
@@ -264,30 +268,93 @@ class DifferentiableOptimizer:
 
 
 class FunctionalCoreOptimizer(DifferentiableOptimizer):
-    """A differentiable optimizer whose update is a pure :class:`FunctionalOptimizer`."""
+    """A differentiable optimizer whose update is a pure :class:`FunctionalOptimizer`.
+
+    Besides higher's stateful ``step``, it offers a side-effect-free step on explicit
+    parameters and states (:meth:`pure_step`), which recomputing unroll policies need.
+    """
 
     core: ClassVar[FunctionalOptimizer]
 
-    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """The core's hyperparameters of each group, as they are now."""
+        defaults = self.core.defaults
+        return [{k: g[k] for k in defaults if k in g} for g in self.param_groups]
+
+    def group_states(self, params: Sequence[Tensor]) -> list[Any]:
+        """Each group's state as the core's NamedTuple (fresh entries initialised)."""
         core = self.core
         fields = core.state_type._fields
-        for group, grads, state in zip(self.param_groups, grouped_grads, self.state, strict=True):
-            params = group["params"]
-            hyper = {k: group[k] for k in core.defaults if k in group}
-            entries = [state[i] for i in range(len(params))]
+        states = []
+        for state, indices, hyper in zip(
+            self.state, self._group_to_param_list, self.hyperparameters(), strict=True
+        ):
+            entries = [state[i] for i in range(len(indices))]
             fresh = [i for i, entry in enumerate(entries) if not entry]
             if fresh:
-                new = core.init([params[i] for i in fresh], **hyper)
+                new = core.init([params[indices[i]] for i in fresh], **hyper)
                 for field, values in zip(fields, new, strict=True):
                     for i, v in zip(fresh, values, strict=True):
                         if v is not None:
                             entries[i][field] = v
-            current = core.state_type(*[[e.get(f) for e in entries] for f in fields])
-            new_params, new_state = core.update(grads, current, params, **hyper)
+            states.append(core.state_type(*[[e.get(f) for e in entries] for f in fields]))
+        return states
+
+    def store_group_states(self, states: Sequence[Any]) -> None:
+        """Write NamedTuple group states back into ``self.state``."""
+        fields = self.core.state_type._fields
+        for state, new_state in zip(self.state, states, strict=True):
             for field, values in zip(fields, new_state, strict=True):
-                for entry, v in zip(entries, values, strict=True):
+                for i, v in enumerate(values):
                     if v is None:
-                        entry.pop(field, None)
+                        state[i].pop(field, None)
                     else:
-                        entry[field] = v
-            params[:] = new_params
+                        state[i][field] = v
+
+    def update_groups(
+        self,
+        grads: Sequence[Tensor | None],
+        params: Sequence[Tensor],
+        states: Sequence[Any],
+        hypers: Sequence[dict[str, Any]],
+    ) -> tuple[list[Tensor], list[Any]]:
+        """Pure update of all groups: new full parameter list and new group states."""
+        new_params = list(params)
+        new_states = []
+        for indices, state, hyper in zip(self._group_to_param_list, states, hypers, strict=True):
+            group_new, group_state = self.core.update(
+                [grads[i] for i in indices], state, [params[i] for i in indices], **hyper
+            )
+            for i, p in zip(indices, group_new, strict=True):
+                new_params[i] = p
+            new_states.append(group_state)
+        return new_params, new_states
+
+    def pure_step(
+        self,
+        loss: Tensor,
+        params: Sequence[Tensor],
+        states: Sequence[Any],
+        hypers: Sequence[dict[str, Any]],
+        first_order: bool = False,
+    ) -> tuple[list[Tensor], list[Any]]:
+        """One step on explicit parameters and states, touching nothing else."""
+        grads = self._grads(loss, list(params), first_order=first_order)
+        if self._grad_callback is not None:
+            grads = list(self._grad_callback(grads))
+        return self.update_groups(grads, params, states, hypers)
+
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        params: list[Tensor] = [None] * self._num_params  # type: ignore[list-item]
+        grads: list[Tensor | None] = [None] * self._num_params
+        for group, group_grads, indices in zip(
+            self.param_groups, grouped_grads, self._group_to_param_list, strict=True
+        ):
+            for p, g, i in zip(group["params"], group_grads, indices, strict=True):
+                params[i], grads[i] = p, g
+        new_params, new_states = self.update_groups(
+            grads, params, self.group_states(params), self.hyperparameters()
+        )
+        self.store_group_states(new_states)
+        for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
+            group["params"][:] = [new_params[i] for i in indices]

@@ -333,3 +333,30 @@ def test_model_without_trainable_parameters_and_bad_anil_head() -> None:
         r"\(its submodules: features, head\)",
     ):
         ANIL(Net(), head="classifier")
+
+
+@pytest.mark.parametrize(
+    ("inner", "options"),
+    [
+        (functools.partial(torch.optim.SGD, lr=0.1), {}),
+        (functools.partial(torch.optim.Adam, lr=0.05), {}),
+        (functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), {"truncate": 2}),
+        (functools.partial(torch.optim.SGD, lr=0.1), {"learn_inner_lr": "per_layer_per_step"}),
+        (functools.partial(torch.optim.RMSprop, lr=0.01), {"multi_step_loss": True}),
+    ],
+    ids=["sgd", "adam", "momentum-truncated", "learned-lr-per-step", "rmsprop-multistep"],
+)
+def test_checkpointed_unroll_gives_the_plain_meta_gradient(inner: object, options: dict) -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8),
+                          nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(8, 1)).double()
+    plain = MAML(copy.deepcopy(model), inner_optim=inner, inner_steps=4, **options).double()
+    ckpt = MAML(copy.deepcopy(model), inner_optim=inner, inner_steps=4, checkpoint_unroll=True,
+                **options).double()
+    batch = regression_batch(seed=10)
+    want = module_grads(plain, batch)
+    got = module_grads(ckpt, batch)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
