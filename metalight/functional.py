@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -34,6 +35,45 @@ __all__ = ["FunctionalModule", "make_functional", "monkeypatch"]
 _OWN_ATTRS = frozenset({"_root", "_prefix"})
 
 
+class _Layout:
+    """Names, shapes and aliases of a module's parameters: static between unrolls."""
+
+    def __init__(self, module: nn.Module, params: list[Tensor]) -> None:
+        self.ids = [id(p) for p in params]
+        named = list(module.named_parameters())
+        self.names = [name for name, _ in named]
+        canonical = {id(p): i for i, (_, p) in enumerate(named)}
+        # Every name a parameter is reachable under (tied weights have several), so a
+        # submodule view finds a weight whose first name lies outside it.
+        self.aliases: dict[str, int] = {
+            name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)
+        }
+        self.shapes = [p.shape for _, p in named]
+        self.buffer_aliases = [n for n, _ in module.named_buffers(remove_duplicate=False)]
+        self.tied = len(self.aliases) != len(self.names) or len(self.buffer_aliases) != len(
+            list(module.named_buffers())
+        )
+        self.views: dict[str, dict[str, int]] = {}
+
+
+# Building a view is on the hot path (one per task per meta-iteration): the module's layout
+# is computed once and revalidated against the identities of its parameters.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+
+
+def _layout(module: nn.Module) -> tuple[_Layout, list[Tensor]]:
+    params = list(module.parameters())
+    layout = _LAYOUTS.get(module)
+    if (
+        layout is None
+        or layout.ids != [id(p) for p in params]
+        or any(p.shape != s for p, s in zip(params, layout.shapes, strict=True))
+    ):
+        layout = _Layout(module, params)
+        _LAYOUTS[module] = layout
+    return layout, params
+
+
 class _Root:
     """State shared by a functional view and the views of its submodules."""
 
@@ -43,27 +83,25 @@ class _Root:
         params: list[Tensor] | None,
         track_higher_grads: bool,
         device: torch.device | str | None,
+        layout: tuple[_Layout, list[Tensor]] | None = None,
     ) -> None:
         self.module = module
-        self.names = [name for name, _ in module.named_parameters()]
-        canonical = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
-        # Every name a parameter is reachable under (tied weights have several), so a
-        # submodule view finds a weight whose first name lies outside it.
-        self.aliases: dict[str, int] = {
-            name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)
-        }
-        self.shapes = [p.shape for _, p in module.named_parameters()]
+        self.layout, self.module_params = layout or _layout(module)
+        self.names = self.layout.names
+        self.aliases = self.layout.aliases
+        self.shapes = self.layout.shapes
         self.buffers: dict[str, Tensor] = {}
-        buffer_ids: dict[int, Tensor] = {}
-        for name, b in module.named_buffers(remove_duplicate=False):
-            if id(b) not in buffer_ids:
-                copy = b.detach().clone()
-                buffer_ids[id(b)] = copy.to(device) if device is not None else copy
-            self.buffers[name] = buffer_ids[id(b)]
+        if self.layout.buffer_aliases:
+            buffer_ids: dict[int, Tensor] = {}
+            for name, b in module.named_buffers(remove_duplicate=False):
+                if id(b) not in buffer_ids:
+                    copy = b.detach().clone()
+                    buffer_ids[id(b)] = copy.to(device) if device is not None else copy
+                self.buffers[name] = buffer_ids[id(b)]
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = track_higher_grads
         self.training: dict[str, bool] = {}
-        self._views: dict[str, dict[str, int]] = {}
+        self._views = self.layout.views
         if params is not None:
             self.update(params)
 
@@ -191,7 +229,7 @@ class FunctionalModule:
         module = self.module
         tensors = root.tensors(self._prefix)
         with root.modes(module, self._prefix):
-            return functional_call(module, tensors, args, kwargs)
+            return functional_call(module, tensors, args, kwargs, tie_weights=root.layout.tied)
 
     def call(self, params: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
         """Run with ``params`` as the fast weights for this call only (history untouched).
@@ -218,6 +256,12 @@ class FunctionalModule:
         """The wrapped module (for a submodule view, that submodule)."""
         root = self._root
         return root.module.get_submodule(self._prefix) if self._prefix else root.module
+
+    @property
+    def module_parameters(self) -> list[Tensor]:
+        """The wrapped module's own parameters, in fast-weight order."""
+        self._require_root("module_parameters")
+        return self._root.module_params
 
     @property
     def fast_params(self) -> list[Tensor] | None:
@@ -457,14 +501,13 @@ def monkeypatch(
         True
     """
     detach = copy_initial_weights if detach_initial_weights is None else detach_initial_weights
-    params = []
-    for p in module.parameters():
-        if detach:
-            p = p.detach().clone().requires_grad_(p.requires_grad)
-        if device is not None:
-            p = p.to(device)
-        params.append(p)
-    return FunctionalModule(_Root(module, params, track_higher_grads, device))
+    layout = _layout(module)
+    params = layout[1]
+    if detach:
+        params = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    if device is not None:
+        params = [p.to(device) for p in params]
+    return FunctionalModule(_Root(module, list(params), track_higher_grads, device, layout))
 
 
 def make_functional(module: nn.Module) -> FunctionalModule:

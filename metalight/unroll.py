@@ -121,7 +121,7 @@ def innerloop_ctx(
     )
     diffopt = get_diff_optim(
         opt,
-        model.parameters(),
+        fmodel.module_parameters,
         fmodel=fmodel,
         device=device,
         override=override,

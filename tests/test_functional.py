@@ -264,3 +264,15 @@ def test_bad_fast_weights_are_named() -> None:
         empty(torch.zeros(1, 3))
     out = empty(torch.zeros(1, 3), params=list(model.parameters()))
     assert out.shape == (1, 2)
+
+
+def test_layout_cache_follows_replaced_parameters() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    first = monkeypatch(model, copy_initial_weights=False)
+    assert first.fast_params[0] is model[0].weight
+    model[0].weight = nn.Parameter(torch.zeros(3, 2))
+    model[1] = nn.Linear(3, 2)
+    second = monkeypatch(model, copy_initial_weights=False)
+    assert second.fast_params[0] is model[0].weight
+    assert second(torch.ones(4, 2)).shape == (4, 2)
+    assert [p.shape for p in second.fast_params][2] == (2, 3)

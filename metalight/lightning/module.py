@@ -272,7 +272,7 @@ class MetaLearningModule(L.LightningModule):
         """The differentiable inner optimizer for one task's unroll."""
         return get_diff_optim(
             self.inner_optimizer,
-            self.model.parameters(),
+            fmodel.module_parameters,
             fmodel=fmodel,
             track_higher_grads=create_graph,
         )
