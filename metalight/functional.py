@@ -258,6 +258,11 @@ class FunctionalModule:
         return root.module.get_submodule(self._prefix) if self._prefix else root.module
 
     @property
+    def parameter_names(self) -> list[str]:
+        """Names of the fast weights (``named_parameters()`` of the whole module)."""
+        return self._root.names
+
+    @property
     def module_parameters(self) -> list[Tensor]:
         """The wrapped module's own parameters, in fast-weight order."""
         self._require_root("module_parameters")

@@ -276,3 +276,26 @@ def test_bad_inputs_are_explained() -> None:
         higher.get_diff_optim(torch.optim.SGD(other.parameters(), lr=0.1), model.parameters())
     with pytest.raises(ValueError, match="has 2 values but the optimizer has 1 parameter groups"):
         higher.get_diff_optim(opt, model.parameters(), override={"lr": [0.1, 0.2]})
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop])
+def test_parameter_groups_with_their_own_hyperparameters(opt_cls: type) -> None:
+    model = make_model(9)
+    ref = copy.deepcopy(model)
+
+    def groups(m: nn.Module) -> list[dict]:
+        return [{"params": m[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
+                {"params": m[2].parameters(), "lr": 0.01}]
+
+    opt = opt_cls(groups(model), lr=0.02, foreach=False)
+    ref_opt = opt_cls(groups(ref), lr=0.02, foreach=False)
+    data = make_data(6, seed=9)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert [g["lr"] for g in diffopt.param_groups] == [0.05, 0.01]
+        for xs, ys in data:
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+            ref_opt.zero_grad()
+            F.mse_loss(ref(xs), ys).backward()
+            ref_opt.step()
+        for a, b in zip(fmodel.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b)

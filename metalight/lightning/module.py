@@ -60,6 +60,12 @@ def _default_outer_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """One host sync for many tensors: a sum is finite only if every entry is."""
+    sums = [t.sum() for t in tensors if t is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+
 class MetaLearningModule(L.LightningModule):
     """Gradient-based meta-learning (MAML by default) as a ``LightningModule``.
 
@@ -165,9 +171,12 @@ class MetaLearningModule(L.LightningModule):
             )
         self._adapted_names = self._select_adapted(adapt, trainable)
         params = dict(model.named_parameters())
-        # One group per adapted tensor, so learnable rates can be set per tensor and per step.
+        adapted = [params[n] for n in self._adapted_names]
+        # Rates learned per tensor need one group per adapted tensor; otherwise one group
+        # keeps the per-step work small.
+        per_tensor = learn_inner_lr in ("per_layer", "per_layer_per_step", "per_parameter")
         self.inner_optimizer = self._inner_optim_factory(
-            [{"params": [params[n]]} for n in self._adapted_names]
+            [{"params": [p]} for p in adapted] if per_tensor else adapted
         )
         self.learn_inner_lr = learn_inner_lr
         self.inner_lrs = self._make_inner_lrs(learn_inner_lr, params)
@@ -308,13 +317,10 @@ class MetaLearningModule(L.LightningModule):
             ),
             steps,
             create_graph,
-            names=self._all_names(),
+            names=fmodel.parameter_names,
             after_step=None if on_step is None else lambda k: on_step(k, fmodel),
         )
         return Adaptation(fmodel, fmodel.fast_params or [])
-
-    def _all_names(self) -> list[str]:
-        return [n for n, _ in self.model.named_parameters()]
 
     def unroll(
         self,
@@ -440,8 +446,7 @@ class MetaLearningModule(L.LightningModule):
                     raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}") from err
                 self._warn_skipped(index, batch_idx, err)
                 continue
-            grads_finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-            if self.nan_policy != "off" and not grads_finite:
+            if self.nan_policy != "off" and not _all_finite(grads):
                 err = NonFiniteError("non-finite meta-gradient")
                 if self.nan_policy == "raise":
                     raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}")

@@ -100,7 +100,9 @@ class DifferentiableOptimizer:
                     state[p_idx] = {
                         k: self._copy_state_value(k, v, device) for k, v in other.state[p].items()
                     }
-            hyper = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            # A shallow copy: hyperparameters are replaced, never mutated, and a tensor
+            # hyperparameter must stay the same tensor for its gradient to flow.
+            hyper = {k: v for k, v in group.items() if k != "params"}
             self.param_groups.append({**hyper, "params": [None] * len(indices)})
             self.state.append(state)
             self._group_to_param_list.append(indices)
