@@ -60,6 +60,11 @@ def _default_outer_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _zero_loss(params: Sequence[Tensor]) -> Tensor:
+    """A zero meta-loss on the parameters' device (a rank whose tasks were all skipped)."""
+    return torch.zeros((), device=params[0].device) if params else torch.zeros(())
+
+
 def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
     """One host sync for many tensors: a sum is finite only if every entry is."""
     sums = [t.sum() for t in tensors if t is not None]
@@ -456,16 +461,30 @@ class MetaLearningModule(L.LightningModule):
             for i, g in enumerate(grads):
                 if g is not None:
                     accumulated[i] = g if accumulated[i] is None else accumulated[i] + g
-        if not losses:
+        kept, total = len(losses), n
+        if self.nan_policy == "skip":
+            # Every rank must agree on how many tasks were kept: DDP averages ranks equally,
+            # and a rank that raised alone would leave the others waiting in the all-reduce.
+            kept, total = self._global_counts(len(losses), n)
+        if kept == 0:
             raise NonFiniteError(
                 f"every task of batch {batch_idx} was skipped for non-finite values"
             )
-        meta_loss = torch.stack(losses).mean()
+        meta_loss = torch.stack(losses).mean() if losses else _zero_loss(meta_params)
         self._log("train/meta_loss", meta_loss, prog_bar=True, batch_size=n, sync_dist=True)
-        if len(losses) < n:
+        if kept < total:
             # Skipped tasks contribute nothing; rescale so the kept ones form a mean.
-            accumulated = [g * (n / len(losses)) if g is not None else None for g in accumulated]
+            factor = total / kept
+            accumulated = [g * factor if g is not None else None for g in accumulated]
         return self._surrogate(meta_params, accumulated, meta_loss)
+
+    def _global_counts(self, kept: int, n: int) -> tuple[int, int]:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return kept, n
+        counts = torch.tensor([float(kept), float(n)], device=self.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return int(counts[0].item()), int(counts[1].item())
 
     @staticmethod
     def _surrogate(
@@ -560,15 +579,22 @@ class MetaLearningModule(L.LightningModule):
                 continue
             if metric.update_count == 0 and not classification and "_acc_" in name:
                 continue
-            self.log(f"{stage}/{name[len(stage) + 1 :]}", metric.compute(), prog_bar="post" in name)
+            # torchmetrics already reduced the values across ranks; sync_dist only tells
+            # Lightning so.
+            self.log(
+                f"{stage}/{name[len(stage) + 1 :]}",
+                metric.compute(),
+                prog_bar="post" in name,
+                sync_dist=True,
+            )
             metric.reset()
         episodes = m[f"{stage}_episodes"]
         values = episodes.compute() if episodes.update_count else torch.zeros(0)
         if values.numel() > 1:
             ci = 1.96 * values.float().std() / math.sqrt(values.numel())
             key = "acc_post_ci95" if classification else "loss_post_ci95"
-            self.log(f"{stage}/{key}", ci)
-            self.log(f"{stage}/episodes", float(values.numel()))
+            self.log(f"{stage}/{key}", ci, sync_dist=True)
+            self.log(f"{stage}/episodes", float(values.numel()), sync_dist=True)
         episodes.reset()
 
     # --- optimizers -----------------------------------------------------------------------------
