@@ -1,0 +1,683 @@
+"""Every bad input the project handles, with the error it must raise: one table.
+
+Each row is ``Case(id, run, error, match)``: ``run(ctx)`` feeds the bad input and must raise
+``error`` whose message matches the regex ``match`` (searched, as ``pytest.raises`` does).
+The messages name the problem and, where the project gives one, the fix. To add a case,
+append a row; ``ctx.tmp`` is a fresh folder and ``ctx.checkpoint`` a small saved MAML run.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from PIL import Image
+from torch import nn
+
+import metalight
+from metalight.algorithms import ANIL, IMAML, MAML, Reptile
+from metalight.data import (
+    FewShotDataset,
+    ImageFolder,
+    MiniImageNet,
+    Omniglot,
+    SinusoidDataModule,
+    SinusoidTasks,
+    TaskBatch,
+)
+from metalight.data.streams import TaskDataLoader, TrainTaskStream
+from metalight.lightning import NonFiniteError
+from metalight.lightning.checkpoint_io import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    unique_run_dir,
+)
+from metalight.lightning.strategies import check_strategy
+from metalight.models import MLP, Conv4, ResNet12, build_model
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    checkpoint: Path  # MAML(MLP(hidden=(8,)), inner_steps=1) after 3 steps of 5 per epoch
+
+
+@dataclass
+class Case:
+    id: str
+    run: Callable[[Ctx], Any]
+    error: type[BaseException]
+    match: str
+
+
+# --- helpers used by the rows ------------------------------------------------------------------
+class SignSGD(torch.optim.Optimizer):
+    """An optimizer with no differentiable version registered."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure: Any = None) -> None:  # pragma: no cover - never stepped
+        pass
+
+
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(2, 2)
+
+
+def inner_step(loss_of: Callable[[Any, nn.Module, torch.Tensor], torch.Tensor]) -> None:
+    model = linear()
+    x = torch.randn(4, 2)
+    with metalight.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (
+        fmodel,
+        diffopt,
+    ):
+        diffopt.step(loss_of(fmodel, model, x))
+
+
+def sinusoid_batch(tasks: int = 3) -> TaskBatch:
+    return next(iter(SinusoidDataModule(meta_batch_size=tasks, shots=3).train_dataloader()))
+
+
+def meta_step(module: MAML, batch: TaskBatch | None = None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip policy's per-task warnings
+        module.training_step(batch if batch is not None else sinusoid_batch(), 0)
+
+
+def with_nan_support(batch: TaskBatch, *tasks: int) -> TaskBatch:
+    for t in tasks:
+        batch.support_y[t, 0, 0] = float("nan")
+    return batch
+
+
+def on_ranks(world_size: int, **kwargs: Any) -> SinusoidDataModule:
+    dm = SinusoidDataModule(**kwargs)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=world_size)  # type: ignore[assignment]
+    return dm
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        logger=False,
+        inference_mode=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def resume(path: Path, module: MAML, batches: int = 5, plugins: Any = None) -> None:
+    """Continues the saved run from ``path`` with ``module`` (and ``batches`` per epoch)."""
+    data = SinusoidDataModule(meta_batch_size=2, train_batches_per_epoch=batches)
+    t = trainer(max_steps=4, plugins=plugins)
+    t.fit(module, datamodule=data, ckpt_path=path)
+
+
+def text_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def truncated(ctx: Ctx) -> Path:
+    blob = ctx.checkpoint.read_bytes()
+    path = ctx.tmp / "cut.ckpt"
+    path.write_bytes(blob[: len(blob) // 2])
+    return path
+
+
+def image(path: Path, color: tuple[int, int, int] = (200, 10, 10), size: int = 12) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+    return path
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
+    for c in range(classes):
+        for i in range(per_class):
+            image(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def with_empty_class(ctx: Ctx) -> Path:
+    root = image_folder(ctx.tmp / "data")
+    (root / "class_empty").mkdir()
+    return root
+
+
+def with_corrupt_image(ctx: Ctx) -> Path:
+    root = image_folder(ctx.tmp / "data")
+    (root / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    return root
+
+
+def with_mixed_sizes(ctx: Ctx) -> Path:
+    root = image_folder(ctx.tmp / "data")
+    image(root / "class_1" / "big.png", size=30)
+    return root
+
+
+def omniglot_zip_with_corrupt_png(ctx: Ctx) -> Path:
+    with zipfile.ZipFile(ctx.tmp / "images_background.zip", "w") as archive:
+        archive.writestr("images_background/Alpha/character01/0001_01.png", b"not a png")
+    return ctx.tmp
+
+
+def mini_imagenet_without_test_csv(ctx: Ctx) -> Path:
+    (ctx.tmp / "train.csv").write_text("filename,label\n")
+    return ctx.tmp
+
+
+def hydra_instantiate(config: dict[str, Any]) -> Any:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.create(config))
+
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+
+# --- the table ---------------------------------------------------------------------------------
+CASES = [
+    # Optimizers without a differentiable version, and other engine misuse.
+    Case(
+        "optimizer-not-registered",
+        lambda ctx: metalight.get_diff_optim(SignSGD(linear().parameters()), linear().parameters()),
+        ValueError,
+        r"no differentiable version of SignSGD is registered \(known: .*SGD.*\)\. Write one by "
+        r"subclassing metalight\.optim\.DifferentiableOptimizer .*metalight\.register_optim"
+        r"\(SignSGD, YourDifferentiableOptimizer\)",
+    ),
+    Case(
+        "optimizer-builtin-without-differentiable-version",
+        lambda ctx: metalight.get_diff_optim(
+            torch.optim.LBFGS(linear().parameters()), linear().parameters()
+        ),
+        ValueError,
+        r"no differentiable version of LBFGS is registered",
+    ),
+    Case(
+        # Accepted by the constructor; the error comes with the first meta-step.
+        "module-inner-optimizer-not-registered",
+        lambda ctx: meta_step(MAML(MLP(hidden=(4,)), inner_optim=SignSGD)),
+        ValueError,
+        r"no differentiable version of SignSGD is registered",
+    ),
+    Case(
+        "optimizer-not-an-instance",
+        lambda ctx: metalight.get_diff_optim(torch.optim.SGD, linear().parameters()),
+        TypeError,
+        r"get_diff_optim expects a torch\.optim\.Optimizer instance, got type",
+    ),
+    Case(
+        "register-a-non-optimizer",
+        lambda ctx: metalight.register_optim(int, object),  # type: ignore[arg-type]
+        TypeError,
+        r"register_optim: <class 'int'> is not a torch\.optim\.Optimizer subclass",
+    ),
+    Case(
+        "optimizer-of-other-parameters",
+        lambda ctx: metalight.get_diff_optim(
+            torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1), linear().parameters()
+        ),
+        ValueError,
+        r"not among the reference parameters",
+    ),
+    Case(
+        "fast-weights-wrong-count",
+        lambda ctx: metalight.monkeypatch(linear()).update_params([torch.zeros(2, 2)]),
+        ValueError,
+        r"expected 2 fast weights, one per parameter of Linear in named_parameters\(\) order "
+        r"\(weight, bias\), got 1",
+    ),
+    Case(
+        "fast-weights-wrong-shape",
+        lambda ctx: metalight.monkeypatch(linear()).update_params(
+            [torch.zeros(2, 2), torch.zeros(3)]
+        ),
+        ValueError,
+        r"fast weight for 'bias' has shape \(3,\), the module's parameter has shape \(2,\)",
+    ),
+    Case(
+        "fast-weight-not-a-tensor",
+        lambda ctx: metalight.monkeypatch(linear()).update_params([[1.0], torch.zeros(2)]),
+        TypeError,
+        r"fast weight for 'weight' must be a Tensor, got list",
+    ),
+    Case(
+        "loss-detached-from-fast-weights",
+        lambda ctx: inner_step(lambda fm, m, x: F.mse_loss(fm(x).detach(), x)),
+        ValueError,
+        r"the loss does not depend on the fast weights \(it does not require grad\): compute it "
+        r"from the functional model's output",
+    ),
+    Case(
+        "loss-from-the-original-module",
+        lambda ctx: inner_step(lambda fm, m, x: F.mse_loss(m(x), x)),
+        ValueError,
+        r"the loss does not depend on any fast weight: compute it from the functional model's "
+        r"output \(fmodel\(x\)\), not from the original module",
+    ),
+    Case(
+        "loss-not-scalar",
+        lambda ctx: inner_step(lambda fm, m, x: (fm(x) - x).pow(2)),
+        ValueError,
+        r"step\(\) needs a scalar loss tensor; reduce it first, e.g\. loss\.mean\(\) \(got Tensor "
+        r"of shape \(4, 2\)\)",
+    ),
+    # MetaLearningModule and algorithm arguments.
+    Case(
+        "inner-steps-negative",
+        lambda ctx: MAML(MLP(), inner_steps=-1),
+        ValueError,
+        r"inner_steps must be an integer >= 0, got -1",
+    ),
+    Case(
+        "eval-inner-steps-not-int",
+        lambda ctx: MAML(MLP(), eval_inner_steps=2.5),  # type: ignore[arg-type]
+        ValueError,
+        r"eval_inner_steps must be an integer >= 0, got 2\.5",
+    ),
+    Case(
+        "adapt-matches-nothing",
+        lambda ctx: MAML(MLP(hidden=(4,)), adapt=["decoder"]),
+        ValueError,
+        r"adapt='decoder' matches no trainable parameter of MLP; its parameters are: "
+        r"features\.0\.weight, features\.0\.bias, head\.weight, head\.bias",
+    ),
+    Case(
+        "nan-policy-unknown",
+        lambda ctx: MAML(MLP(), nan_policy="ignore"),  # type: ignore[arg-type]
+        ValueError,
+        r"nan_policy must be 'raise', 'skip' or 'off', got 'ignore'",
+    ),
+    Case(
+        "learn-inner-lr-unknown",
+        lambda ctx: MAML(MLP(), learn_inner_lr="per_tensor"),  # type: ignore[arg-type]
+        ValueError,
+        r"learn_inner_lr must be None, 'scalar', 'per_layer', 'per_layer_per_step' or "
+        r"'per_parameter', got 'per_tensor'",
+    ),
+    Case(
+        "task-type-unknown",
+        lambda ctx: MAML(MLP(), task_type="ranking"),  # type: ignore[arg-type]
+        ValueError,
+        r"task_type must be 'auto', 'classification' or 'regression', got 'ranking'",
+    ),
+    Case(
+        "eval-report-steps-out-of-range",
+        lambda ctx: MAML(MLP(), eval_inner_steps=2, eval_report_steps=[5]),
+        ValueError,
+        r"eval_report_steps \[5\] must lie in 0\.\.eval_inner_steps \(2\)",
+    ),
+    Case(
+        "truncate-negative",
+        lambda ctx: MAML(MLP(), truncate=-1),
+        ValueError,
+        r"truncate must be None or an integer >= 0 \(the number of last inner steps the "
+        r"meta-gradient flows through\), got -1",
+    ),
+    Case(
+        "model-without-trainable-parameters",
+        lambda ctx: MAML(MLP().requires_grad_(False)),
+        ValueError,
+        r"MLP has no trainable parameters: meta-learning needs at least one parameter with "
+        r"requires_grad=True",
+    ),
+    Case(
+        "anil-head-matches-nothing",
+        lambda ctx: ANIL(MLP(), head="classifier"),
+        ValueError,
+        r"ANIL head='classifier' matches no submodule of MLP \(its submodules: features, head\)",
+    ),
+    Case(
+        "anil-body-matches-nothing",
+        lambda ctx: ANIL(MLP(), body="encoder"),
+        ValueError,
+        r"ANIL body='encoder' matches no submodule of MLP",
+    ),
+    Case(
+        "anil-with-adapt",
+        lambda ctx: ANIL(MLP(), adapt=["features"]),
+        ValueError,
+        r"ANIL adapts its head only; do not pass adapt=",
+    ),
+    Case(
+        "reptile-with-learned-inner-lr",
+        lambda ctx: Reptile(MLP(), learn_inner_lr="scalar"),
+        ValueError,
+        r"Reptile's meta-gradient does not reach inner learning rates; use MetaSGD or MAML with "
+        r"learn_inner_lr",
+    ),
+    Case(
+        "imaml-lambda-not-positive",
+        lambda ctx: IMAML(MLP(), reg_lambda=0.0),
+        ValueError,
+        r"reg_lambda must be > 0, got 0\.0",
+    ),
+    Case(
+        "imaml-no-cg-steps",
+        lambda ctx: IMAML(MLP(), cg_steps=0),
+        ValueError,
+        r"cg_steps must be >= 1, got 0",
+    ),
+    # Non-finite values in the inner loop (nan_policy="raise", and "skip" with nothing left).
+    Case(
+        "nan-in-support-data",
+        lambda ctx: meta_step(
+            MAML(MLP(hidden=(4,)), inner_optim=SGD), with_nan_support(sinusoid_batch(), 1)
+        ),
+        NonFiniteError,
+        r"task 1 of batch 0: non-finite inner loss nan at inner step 0 \(the fast weights are "
+        r"finite; .* non-finite support data or loss\)",
+    ),
+    Case(
+        "inner-loop-diverges",
+        lambda ctx: meta_step(
+            MAML(
+                MLP(hidden=(4,)),
+                inner_optim=functools.partial(torch.optim.SGD, lr=1e30),
+                inner_steps=3,
+            )
+        ),
+        NonFiniteError,
+        r"task 0 of batch 0: non-finite inner loss .* at inner step [12]",
+    ),
+    Case(
+        "every-task-skipped",
+        lambda ctx: meta_step(
+            MAML(MLP(hidden=(4,)), inner_optim=SGD, nan_policy="skip"),
+            with_nan_support(sinusoid_batch(2), 0, 1),
+        ),
+        NonFiniteError,
+        r"every task of batch 0 was skipped for non-finite values",
+    ),
+    Case(
+        "evaluation-under-inference-mode",
+        lambda ctx: torch.inference_mode()(MAML(MLP(hidden=(4,))).validation_step)(
+            sinusoid_batch(), 0
+        ),
+        RuntimeError,
+        r"MetaLearningModule adapts to each task in validation and test, which needs gradients: "
+        r"create the Trainer with inference_mode=False",
+    ),
+    # Strategies that would give wrong meta-gradients.
+    Case(
+        "strategy-fsdp",
+        lambda ctx: check_strategy(SimpleNamespace(strategy=FSDPStrategy())),
+        ValueError,
+        r"FSDPStrategy cannot train a MetaLearningModule: FSDP shards the parameters .* "
+        r"trainer\.strategy=ddp",
+    ),
+    Case(
+        "strategy-deepspeed",
+        # (built without __init__, which needs the deepspeed package; the check reads the class)
+        lambda ctx: check_strategy(SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy))),
+        ValueError,
+        r"DeepSpeedStrategy cannot train a MetaLearningModule: DeepSpeed \(ZeRO\) partitions",
+    ),
+    # Models.
+    Case(
+        "model-name-unknown",
+        lambda ctx: build_model("vgg16"),
+        ValueError,
+        r"Unknown model name 'vgg16'; known names: 'conv4', 'mlp', 'resnet12'",
+    ),
+    Case(
+        "model-activation-unknown",
+        lambda ctx: MLP(activation="swish"),
+        ValueError,
+        r"Unknown activation 'swish'",
+    ),
+    Case(
+        "conv4-image-too-small",
+        lambda ctx: Conv4(image_size=8),
+        ValueError,
+        r"image_size=8 is too small for Conv4 with pool='max'",
+    ),
+    Case(
+        "resnet12-wrong-channels",
+        lambda ctx: ResNet12(channels=(8, 16, 32)),
+        ValueError,
+        r"4 entries",
+    ),
+    # Data folders and datasets.
+    Case(
+        "omniglot-root-missing",
+        lambda ctx: Omniglot(ctx.tmp / "nowhere"),
+        FileNotFoundError,
+        r"Omniglot root folder .*nowhere does not exist(.|\n)*images_background\.zip"
+        r"(.|\n)*download=True",
+    ),
+    Case(
+        "omniglot-set-missing",
+        lambda ctx: Omniglot(ctx.tmp, sets=["images_background_small1"]),
+        FileNotFoundError,
+        r"lacks some Omniglot sets(.|\n)*images_background_small1\.zip",
+    ),
+    Case(
+        "omniglot-corrupt-image",
+        lambda ctx: Omniglot(omniglot_zip_with_corrupt_png(ctx), "images_background"),
+        ValueError,
+        r"cannot decode image file .*0001_01\.png: .*The file is corrupt or not an image; "
+        r"replace or delete it",
+    ),
+    Case(
+        "image-folder-root-missing",
+        lambda ctx: ImageFolder(ctx.tmp / "missing"),
+        FileNotFoundError,
+        r"image folder root .*missing does not exist; expected a folder laid out as "
+        r".*missing/<class name>/<image files>",
+    ),
+    Case(
+        "image-folder-without-classes",
+        lambda ctx: ImageFolder(ctx.tmp),
+        ValueError,
+        r"contains no class folders; put the images of each class in their own folder",
+    ),
+    Case(
+        "image-folder-empty-class",
+        lambda ctx: ImageFolder(with_empty_class(ctx), image_size=8),
+        ValueError,
+        r"class folder .*class_empty contains no image files \(looked for .*\); add images or "
+        r"remove the folder",
+    ),
+    Case(
+        "image-folder-corrupt-image",
+        lambda ctx: ImageFolder(with_corrupt_image(ctx), image_size=8),
+        ValueError,
+        r"cannot decode image file .*broken\.png",
+    ),
+    Case(
+        "image-folder-mixed-sizes",
+        lambda ctx: ImageFolder(with_mixed_sizes(ctx), image_size=None),
+        ValueError,
+        r"image .*big\.png has shape \(3, 30, 30\) but .* has \(3, 12, 12\); pass an image_size",
+    ),
+    Case(
+        "mini-imagenet-split-file-missing",
+        lambda ctx: MiniImageNet(mini_imagenet_without_test_csv(ctx), "test"),
+        FileNotFoundError,
+        r"split file .*test\.csv is missing",
+    ),
+    Case(
+        "too-many-ways",
+        lambda ctx: FewShotDataset(torch.zeros(4, 1), [0, 0, 1, 1], ["a", "b"]).sampler(
+            ways=3, shots=1, queries=1
+        ),
+        ValueError,
+        r"cannot draw 3-way tasks from a dataset with 2 classes; set ways to at most 2",
+    ),
+    Case(
+        "too-few-images-per-class",
+        lambda ctx: FewShotDataset(
+            torch.zeros(7, 1), [0, 0, 0, 0, 0, 1, 1], ["cats", "dogs"]
+        ).sampler(ways=2, shots=1, queries=2),
+        ValueError,
+        r"fewer than shots \+ queries(.|\n)*'dogs' has 2",
+    ),
+    Case(
+        "labels-do-not-match-data",
+        lambda ctx: FewShotDataset(torch.zeros(3, 1), [0, 1], ["a", "b"]),
+        ValueError,
+        r"data has 3 items but targets has 2 labels; pass one label per item",
+    ),
+    Case(
+        "sinusoid-range-reversed",
+        lambda ctx: SinusoidDataModule(amplitude_range=(5.0, 1.0)),
+        ValueError,
+        r"amplitude_range must be \(low, high\) with low <= high, got \(5\.0, 1\.0\)",
+    ),
+    Case(
+        "meta-batch-size-zero",
+        lambda ctx: SinusoidDataModule(meta_batch_size=0),
+        ValueError,
+        r"meta_batch_size must be a positive integer, got 0; use 1 or more",
+    ),
+    Case(
+        "meta-batch-not-divisible-by-world-size",
+        lambda ctx: on_ranks(3, meta_batch_size=4).train_dataloader(),
+        ValueError,
+        r"meta_batch_size=4 is global and must split evenly over world_size=3 processes; "
+        r"choose a multiple of 3 \(e\.g\. 6\)",
+    ),
+    Case(
+        "eval-episodes-not-divisible-by-world-size",
+        lambda ctx: on_ranks(3, meta_batch_size=3, val_episodes=10).val_dataloader(),
+        ValueError,
+        r"num_episodes=10 must be divisible by world_size=3 .* choose a multiple of 3",
+    ),
+    Case(
+        "persistent-workers",
+        lambda ctx: TaskDataLoader(TrainTaskStream(SinusoidTasks(), 2, 2), persistent_workers=True),
+        ValueError,
+        r"persistent_workers=True is not supported: workers would keep the stream position",
+    ),
+    Case(
+        "tasks-of-different-shapes",
+        lambda ctx: TaskBatch.stack(
+            [
+                SinusoidTasks(shots=2).sample(torch.Generator()),
+                SinusoidTasks(shots=3).sample(torch.Generator()),
+            ]
+        ),
+        ValueError,
+        r"cannot stack tasks whose support_x shapes differ",
+    ),
+    Case(
+        "config-instantiates-a-bad-datamodule",
+        lambda ctx: hydra_instantiate(
+            {"_target_": "metalight.data.SinusoidDataModule", "shots": 0}
+        ),
+        InstantiationException,
+        r"shots must be a positive integer, got 0",
+    ),
+    # Checkpoints.
+    Case(
+        "checkpoint-of-a-model-with-other-shapes",
+        lambda ctx: resume(ctx.checkpoint, MAML(MLP(hidden=(16,)), inner_steps=1)),
+        RuntimeError,
+        r"Error\(s\) in loading state_dict for MAML:\s+size mismatch for model\.features\.0\."
+        r"weight: copying a param with shape torch\.Size\(\[8, 1\]\) from checkpoint, the shape "
+        r"in current model is torch\.Size\(\[16, 1\]\)",
+    ),
+    Case(
+        "checkpoint-of-another-architecture",
+        lambda ctx: resume(ctx.checkpoint, MAML(MLP(hidden=(8, 8)), inner_steps=1)),
+        RuntimeError,
+        r"Error\(s\) in loading state_dict for MAML:\s+Missing key\(s\) in state_dict: "
+        r"\"model\.features\.2\.weight\", \"model\.features\.2\.bias\"",
+    ),
+    Case(
+        "checkpoint-without-learned-inner-lrs",
+        lambda ctx: resume(
+            ctx.checkpoint, MAML(MLP(hidden=(8,)), inner_steps=1, learn_inner_lr="per_layer")
+        ),
+        RuntimeError,
+        r"Missing key\(s\) in state_dict: \"inner_lrs\.0\"",
+    ),
+    Case(
+        "checkpoint-stream-position-beyond-the-epoch",
+        lambda ctx: resume(ctx.checkpoint, MAML(MLP(hidden=(8,)), inner_steps=1), batches=2),
+        ValueError,
+        r"invalid stream position \{'epoch': 0, 'next_batch': \d\}: need epoch >= 0 and "
+        r"0 <= next_batch <= num_batches=2",
+    ),
+    Case(
+        "checkpoint-missing",
+        lambda ctx: AtomicCheckpointIO().load_checkpoint(ctx.tmp / "nope.ckpt"),
+        FileNotFoundError,
+        r"Checkpoint file not found: .*nope\.ckpt",
+    ),
+    Case(
+        "checkpoint-truncated",
+        lambda ctx: resume(truncated(ctx), MAML(MLP(hidden=(8,))), plugins=[AtomicCheckpointIO()]),
+        CorruptCheckpointError,
+        r"checkpoint file .*cut\.ckpt \(\d+ bytes\) is truncated or is not a checkpoint: it is "
+        r"not a complete torch\.save archive .* resume from an earlier checkpoint",
+    ),
+    Case(
+        "checkpoint-not-a-checkpoint",
+        lambda ctx: AtomicCheckpointIO().load_checkpoint(
+            text_file(ctx.tmp / "notes.ckpt", "hello")
+        ),
+        CorruptCheckpointError,
+        r"notes\.ckpt \(5 bytes\) is truncated or is not a checkpoint",
+    ),
+    # Run directories.
+    Case(
+        "run-name-escapes-the-root",
+        lambda ctx: unique_run_dir(ctx.tmp, "../elsewhere"),
+        ValueError,
+        r"run name '\.\./elsewhere' must be a non-empty relative path without '\.\.'",
+    ),
+    Case(
+        "run-name-empty",
+        lambda ctx: unique_run_dir(ctx.tmp, ""),
+        ValueError,
+        r"run name '' must be a non-empty relative path",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    module = MAML(MLP(hidden=(8,)), inner_steps=1)
+    t = trainer(max_steps=3)
+    t.fit(module, datamodule=SinusoidDataModule(meta_batch_size=2, train_batches_per_epoch=5))
+    path = tmp_path_factory.mktemp("checkpoint") / "maml.ckpt"
+    t.save_checkpoint(path)
+    return path
+
+
+def test_case_ids_are_unique() -> None:
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids))
+    for case in CASES:
+        re.compile(case.match)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_explained(case: Case, tmp_path: Path, checkpoint: Path) -> None:
+    with pytest.raises(case.error, match=case.match):
+        case.run(Ctx(tmp_path, checkpoint))
