@@ -214,7 +214,13 @@ class TaskDataModule(pl.LightningDataModule):
         if self._train_stream is None:
             return dict(self._pending_state or {"epoch": 0, "next_batch": 0})
         state = self._train_stream.state_dict()
-        state["next_batch"] = max(0, state["next_batch"] - self._prefetched_train_batches())
+        fetcher = self._train_fetcher()
+        if fetcher is not None:
+            state["next_batch"] = max(0, state["next_batch"] - self._prefetched(fetcher))
+        elif (trained := self._trained_in_epoch()) is not None:
+            # After fit() returns the fetcher is gone, and with it the count of batches it
+            # had fetched ahead: the fit loop's own progress says what was trained.
+            state["next_batch"] = min(state["next_batch"], trained)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -225,12 +231,24 @@ class TaskDataModule(pl.LightningDataModule):
         else:
             self._pending_state = state
 
-    def _prefetched_train_batches(self) -> int:
+    def _train_fetcher(self) -> Any:
+        return getattr(getattr(self._trainer_or_none(), "fit_loop", None), "_data_fetcher", None)
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    @staticmethod
+    def _prefetched(fetcher: Any) -> int:
         # Lightning's fetcher pulls one batch ahead to detect the last one; such a batch has
         # left the stream but not reached training_step.
-        fetcher = getattr(getattr(self.trainer, "fit_loop", None), "_data_fetcher", None)
         batches = getattr(fetcher, "batches", None)
         return len(batches) if isinstance(batches, list) else 0
+
+    def _trained_in_epoch(self) -> int | None:
+        loop = getattr(getattr(self._trainer_or_none(), "fit_loop", None), "epoch_loop", None)
+        progress = getattr(getattr(loop, "batch_progress", None), "current", None)
+        completed = getattr(progress, "completed", None)
+        return completed if isinstance(completed, int) else None
 
 
 class SinusoidDataModule(TaskDataModule):

@@ -24,7 +24,7 @@ from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, monkeypatch
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
-from metalight.optim.registry import get_diff_optim
+from metalight.optim.registry import differentiable_class, get_diff_optim
 from metalight.unroll import UnrollPolicy, checkpointed_unroll
 
 __all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
@@ -183,6 +183,8 @@ class MetaLearningModule(L.LightningModule):
         self.inner_optimizer = self._inner_optim_factory(
             [{"params": [p]} for p in adapted] if per_tensor else adapted
         )
+        # Fail now, not at the first meta-step after data loading.
+        differentiable_class(type(self.inner_optimizer))
         self.learn_inner_lr = learn_inner_lr
         self.inner_lrs = self._make_inner_lrs(learn_inner_lr, params)
         self.save_hyperparameters(
@@ -369,6 +371,8 @@ class MetaLearningModule(L.LightningModule):
                 on_loss=guard,
                 after_step=after_step,
             )
+            if check and steps:
+                self._check_final_weights(names, fmodel.fast_params or [], steps)
             return
         for step in range(steps):
             diffopt.first_order = not create_graph or self.policy.first_order_at(step, steps)
@@ -377,6 +381,20 @@ class MetaLearningModule(L.LightningModule):
             diffopt.step(loss, override=self.inner_override(step))
             if after_step is not None:
                 after_step(step + 1)
+        if check and steps:
+            self._check_final_weights(names, fmodel.fast_params or [], steps)
+
+    @staticmethod
+    def _check_final_weights(names: list[str], params: list[Tensor], steps: int) -> None:
+        # Earlier steps are covered by the next step's loss check; the last one is not.
+        if _all_finite(params):
+            return
+        bad = [n for n, p in zip(names, params, strict=True) if not bool(torch.isfinite(p).all())]
+        raise NonFiniteError(
+            f"non-finite fast weights in {', '.join(repr(n) for n in bad)} after inner step "
+            f"{steps - 1} (an infinite gradient or a too large inner learning rate; lower the "
+            "rate or clip gradients with grad_callback)"
+        )
 
     @staticmethod
     def _describe_nonfinite(
@@ -432,6 +450,30 @@ class MetaLearningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             check_strategy(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checked before Lightning loads anything, so a refused checkpoint leaves the module
+        # as it was (torch's strict load would copy the matching tensors first).
+        saved = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        problems = [
+            f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+            for k, v in saved.items()
+            if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+        ]
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        if problems or missing or unexpected:
+            details = "; ".join(
+                [f"size mismatch for {p}" for p in problems[:5]]
+                + ([f"missing keys {missing[:5]}"] if missing else [])
+                + ([f"unexpected keys {unexpected[:5]}"] if unexpected else [])
+            )
+            raise RuntimeError(
+                f"the checkpoint does not fit this {type(self).__name__} "
+                f"({type(self.model).__name__}): {details}. Build the module with the "
+                "configuration the checkpoint was trained with."
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         """The model with its meta-learned (unadapted) weights."""
@@ -501,10 +543,14 @@ class MetaLearningModule(L.LightningModule):
         return surrogate + (value.float() - surrogate.detach())
 
     def _warn_skipped(self, index: int, batch_idx: int, err: Exception) -> None:
+        self._warn(f"skipping task {index} of batch {batch_idx}: {err}")
+        self._log("train/skipped_tasks", 1.0, reduce_fx="sum", batch_size=1)
+
+    @staticmethod
+    def _warn(message: str) -> None:
         from lightning.pytorch.utilities import rank_zero_warn
 
-        rank_zero_warn(f"skipping task {index} of batch {batch_idx}: {err}")
-        self._log("train/skipped_tasks", 1.0, reduce_fx="sum", batch_size=1)
+        rank_zero_warn(message)
 
     def _log(self, name: str, value: Any, **kwargs: Any) -> None:
         # Steps may run outside a Trainer (tests, notebooks); logging then has nowhere to go.
@@ -521,7 +567,7 @@ class MetaLearningModule(L.LightningModule):
                 self._metrics[f"{stage}_{name}"] = MeanMetric()
             self._metrics[f"{stage}_episodes"] = CatMetric()
 
-    def _evaluate(self, batch: TaskBatch, stage: str) -> None:
+    def _evaluate(self, batch: TaskBatch, stage: str, batch_idx: int) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "MetaLearningModule adapts to each task in validation and test, which needs "
@@ -529,8 +575,14 @@ class MetaLearningModule(L.LightningModule):
                 "lightning.Trainer(..., inference_mode=False)"
             )
         with torch.enable_grad():
-            for task in batch:
-                self._evaluate_task(task, stage)
+            for index, task in enumerate(batch):
+                try:
+                    self._evaluate_task(task, stage)
+                except NonFiniteError as err:
+                    where = f"{stage} episode {index} of batch {batch_idx}"
+                    if self.nan_policy != "skip":
+                        raise NonFiniteError(f"{where}: {err}") from err
+                    self._warn(f"skipping {where}: {err}")
 
     def _evaluate_task(self, task: Task, stage: str) -> None:
         classification = self.is_classification(task.query_y)
@@ -545,25 +597,38 @@ class MetaLearningModule(L.LightningModule):
             m[f"{stage}_acc_{name}"].update(acc)
             return acc
 
+        with torch.no_grad():
+            pre = self.model(task.query_x)
+        reported: list[tuple[str, Tensor]] = []
+
         def report(done: int, predict: Callable[[Tensor], Tensor]) -> None:
             if done in self.eval_report_steps:
                 with torch.no_grad():
-                    record(f"step{done}", predict(task.query_x))
+                    reported.append((f"step{done}", predict(task.query_x)))
 
-        with torch.no_grad():
-            record("pre", self.model(task.query_x))
         if 0 in self.eval_report_steps:
             report(0, self.model)
         adaptation = self.adapt(task, self.eval_inner_steps, create_graph=False, on_step=report)
         with torch.no_grad():
-            value = record("post", adaptation.predict(task.query_x))
+            post = adaptation.predict(task.query_x)
+            post_loss = self.outer_loss(post, task.query_y, task)
+        if self.nan_policy != "off" and not bool(torch.isfinite(post_loss)):
+            raise NonFiniteError(
+                f"non-finite query loss {post_loss.item()} after {self.eval_inner_steps} inner "
+                "steps"
+            )
+        # Only an episode that adapted cleanly is recorded, all its metrics together.
+        record("pre", pre)
+        for name, output in reported:
+            record(name, output)
+        value = record("post", post)
         m[f"{stage}_episodes"].update(value.reshape(1))
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

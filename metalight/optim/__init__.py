@@ -27,6 +27,7 @@ from metalight.optim.differentiable import DifferentiableOptimizer, FunctionalCo
 from metalight.optim.registry import (
     apply_trainable_opt_params,
     create_diff_optim,
+    differentiable_class,
     get_diff_optim,
     get_trainable_opt_params,
     register_optim,
@@ -49,6 +50,7 @@ __all__ = [
     "FunctionalCoreOptimizer",
     "apply_trainable_opt_params",
     "create_diff_optim",
+    "differentiable_class",
     "functional",
     "get_diff_optim",
     "get_trainable_opt_params",

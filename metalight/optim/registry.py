@@ -15,6 +15,7 @@ from metalight.optim.differentiable import DifferentiableOptimizer, Override
 __all__ = [
     "apply_trainable_opt_params",
     "create_diff_optim",
+    "differentiable_class",
     "get_diff_optim",
     "get_trainable_opt_params",
     "register_optim",
@@ -79,6 +80,21 @@ def register_optim(
 def registered_optimizers() -> dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]]:
     """A copy of the map from ``torch.optim`` classes to their differentiable versions."""
     return dict(_REGISTRY)
+
+
+def differentiable_class(optim_type: type) -> type[DifferentiableOptimizer]:
+    """The registered differentiable version of ``optim_type``.
+
+    Raises:
+        ValueError: if none is registered (the message says how to register one).
+
+    Example:
+        >>> import torch
+        >>> from metalight.optim import differentiable_class
+        >>> differentiable_class(torch.optim.Adam).__name__
+        'DifferentiableAdam'
+    """
+    return _lookup(optim_type)
 
 
 def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
