@@ -110,6 +110,11 @@ class MetaLearningModule(L.LightningModule):
         nan_policy: what a NaN or Inf in an inner step does: "raise" (an error naming the
             task, step and parameter), "skip" (drop that task from the meta-batch with a
             warning) or "off" (no check).
+        vectorize_tasks: adapt all tasks of a meta-batch in one vectorised computation
+            (:mod:`metalight.vectorized`; same meta-gradient). "auto" uses it where it was
+            measured faster: models without convolutions (an MLP meta-step ran 2-11x faster
+            on 2 CPU cores; Conv-4 ran 1.6-2.2x slower, and the loop keeps memory flat in the
+            meta-batch), and only for the algorithms it supports.
 
     Example:
         >>> import functools, torch
@@ -136,6 +141,7 @@ class MetaLearningModule(L.LightningModule):
         multi_step_loss: bool = False,
         task_type: Literal["auto", "classification", "regression"] = "auto",
         nan_policy: Literal["raise", "skip", "off"] = "raise",
+        vectorize_tasks: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -191,6 +197,16 @@ class MetaLearningModule(L.LightningModule):
             ignore=["model", "inner_optim", "outer_optim", "scheduler"], logger=False
         )
         self._setup_metrics()
+        if vectorize_tasks not in (True, False, "auto"):
+            raise ValueError(
+                f"vectorize_tasks must be true, false or 'auto', got {vectorize_tasks!r}"
+            )
+        self.vectorize_tasks = vectorize_tasks
+        self._vectorized: bool | None = None
+        if vectorize_tasks is True:
+            from metalight.vectorized import check_vectorizable
+
+            check_vectorizable(self)
 
     # --- configuration helpers ---------------------------------------------------------------
     def _select_adapted(self, adapt: Sequence[str] | None, trainable: list[str]) -> list[str]:
@@ -480,6 +496,53 @@ class MetaLearningModule(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        if self._use_vectorized():
+            return self._vectorized_training_step(batch, batch_idx)
+        return self._loop_training_step(batch, batch_idx)
+
+    def _use_vectorized(self) -> bool:
+        if self._vectorized is None:
+            self._vectorized = self._decide_vectorized()
+        return self._vectorized
+
+    def _decide_vectorized(self) -> bool:
+        if self.vectorize_tasks != "auto":
+            return bool(self.vectorize_tasks)
+        if any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules()):
+            return False
+        from metalight.vectorized import check_vectorizable
+
+        try:
+            check_vectorizable(self)
+        except ValueError:
+            return False
+        return True
+
+    def _vectorized_training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        from metalight.vectorized import vectorized_task_losses
+
+        meta_params = self.meta_parameters()
+        try:
+            losses = vectorized_task_losses(self, batch)
+        except NonFiniteError:
+            # The loop names the task, step and weights (or drops the bad tasks): on this rare
+            # path, run the batch again task by task.
+            return self._loop_training_step(batch, batch_idx)
+        meta_loss = losses.mean()
+        grads: list[Tensor | None] = (
+            list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
+            if meta_loss.requires_grad
+            else [None] * len(meta_params)
+        )
+        if self.nan_policy != "off" and not _all_finite(grads):
+            return self._loop_training_step(batch, batch_idx)
+        meta_loss = meta_loss.detach()
+        self._log(
+            "train/meta_loss", meta_loss, prog_bar=True, batch_size=len(batch), sync_dist=True
+        )
+        return self._surrogate(meta_params, grads, meta_loss)
+
+    def _loop_training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         meta_params = self.meta_parameters()
         accumulated: list[Tensor | None] = [None] * len(meta_params)
         losses = []

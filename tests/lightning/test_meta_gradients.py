@@ -86,24 +86,34 @@ def reference_maml(
     return total
 
 
+@pytest.fixture(params=[False, True], ids=["loop", "vectorized"])
+def vectorize(request: pytest.FixtureRequest) -> bool:
+    """Both training paths must give the hand-written meta-gradient."""
+    return request.param
+
+
 def sgd(lr: float) -> functools.partial:
     return functools.partial(torch.optim.SGD, lr=lr)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_maml_meta_gradient_equals_hand_written_loop(steps: int) -> None:
+def test_maml_meta_gradient_equals_hand_written_loop(steps: int, vectorize: bool) -> None:
     torch.manual_seed(0)
     model = Net().double()
-    module = MAML(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=steps)
+    module = MAML(
+        copy.deepcopy(model), vectorize_tasks=vectorize, inner_optim=sgd(0.1), inner_steps=steps
+    )
     batch = regression_batch()
     for got, want in zip(module_grads(module, batch), reference_maml(model, batch, 0.1, steps)):
         torch.testing.assert_close(got, want)
 
 
-def test_fomaml_meta_gradient() -> None:
+def test_fomaml_meta_gradient(vectorize: bool) -> None:
     torch.manual_seed(1)
     model = Net().double()
-    module = FOMAML(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=3)
+    module = FOMAML(
+        copy.deepcopy(model), vectorize_tasks=vectorize, inner_optim=sgd(0.1), inner_steps=3
+    )
     batch = regression_batch(seed=1)
     want = reference_maml(model, batch, 0.1, 3, first_order=True)
     for got, w in zip(module_grads(module, batch), want):
@@ -113,12 +123,24 @@ def test_fomaml_meta_gradient() -> None:
     assert not all(torch.allclose(a, b) for a, b in zip(want, full))
 
 
-def test_truncated_unroll_interpolates_first_and_second_order() -> None:
+def test_truncated_unroll_interpolates_first_and_second_order(vectorize: bool) -> None:
     torch.manual_seed(2)
     model = Net().double()
     batch = regression_batch(seed=2)
-    full = MAML(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=3, truncate=3)
-    fo = MAML(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=3, truncate=0)
+    full = MAML(
+        copy.deepcopy(model),
+        vectorize_tasks=vectorize,
+        inner_optim=sgd(0.1),
+        inner_steps=3,
+        truncate=3,
+    )
+    fo = MAML(
+        copy.deepcopy(model),
+        vectorize_tasks=vectorize,
+        inner_optim=sgd(0.1),
+        inner_steps=3,
+        truncate=0,
+    )
     for got, want in zip(module_grads(full, batch), reference_maml(model, batch, 0.1, 3)):
         torch.testing.assert_close(got, want)
     want_fo = reference_maml(model, batch, 0.1, 3, first_order=True)
@@ -136,15 +158,27 @@ def test_truncated_unroll_interpolates_first_and_second_order() -> None:
         meta = F.mse_loss(fcall(model, params, task.query_x), task.query_y) / len(batch)
         for t, g in zip(total, torch.autograd.grad(meta, init)):
             t += g
-    one = MAML(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=3, truncate=1)
+    one = MAML(
+        copy.deepcopy(model),
+        vectorize_tasks=vectorize,
+        inner_optim=sgd(0.1),
+        inner_steps=3,
+        truncate=1,
+    )
     for got, want in zip(module_grads(one, batch), total):
         torch.testing.assert_close(got, want)
 
 
-def test_multi_step_loss() -> None:
+def test_multi_step_loss(vectorize: bool) -> None:
     torch.manual_seed(3)
     model = Net().double()
-    module = MAML(copy.deepcopy(model), inner_optim=sgd(0.05), inner_steps=3, multi_step_loss=True)
+    module = MAML(
+        copy.deepcopy(model),
+        vectorize_tasks=vectorize,
+        inner_optim=sgd(0.05),
+        inner_steps=3,
+        multi_step_loss=True,
+    )
     batch = regression_batch(seed=3)
     want = reference_maml(model, batch, 0.05, 3, multi_step=True)
     for got, w in zip(module_grads(module, batch), want):
@@ -180,10 +214,12 @@ def test_anil_adapts_head_only_and_runs_body_once() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_meta_sgd_learns_per_parameter_rates() -> None:
+def test_meta_sgd_learns_per_parameter_rates(vectorize: bool) -> None:
     torch.manual_seed(5)
     model = Net().double()
-    module = MetaSGD(copy.deepcopy(model), inner_lr=0.1, inner_steps=2).double()
+    module = MetaSGD(
+        copy.deepcopy(model), vectorize_tasks=vectorize, inner_lr=0.1, inner_steps=2
+    ).double()
     batch = regression_batch(seed=5)
     got = module_grads(module, batch)
     init = list(model.parameters())
@@ -348,12 +384,18 @@ def test_model_without_trainable_parameters_and_bad_anil_head() -> None:
 )
 def test_checkpointed_unroll_gives_the_plain_meta_gradient(inner: object, options: dict) -> None:
     torch.manual_seed(10)
-    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8),
-                          nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
-                          nn.Linear(8, 1)).double()
+    model = nn.Sequential(
+        nn.Linear(1, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.BatchNorm1d(8, track_running_stats=False),
+        nn.Tanh(),
+        nn.Linear(8, 1),
+    ).double()
     plain = MAML(copy.deepcopy(model), inner_optim=inner, inner_steps=4, **options).double()
-    ckpt = MAML(copy.deepcopy(model), inner_optim=inner, inner_steps=4, checkpoint_unroll=True,
-                **options).double()
+    ckpt = MAML(
+        copy.deepcopy(model), inner_optim=inner, inner_steps=4, checkpoint_unroll=True, **options
+    ).double()
     batch = regression_batch(seed=10)
     want = module_grads(plain, batch)
     got = module_grads(ckpt, batch)
