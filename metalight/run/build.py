@@ -1,0 +1,169 @@
+"""Building the run's objects from a composed configuration, by ``_target_``."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+from metalight.lightning.module import MetaLearningModule
+
+__all__ = [
+    "Components",
+    "build",
+    "build_callbacks",
+    "build_datamodule",
+    "build_loggers",
+    "build_module",
+    "build_trainer",
+    "tensorboard_available",
+]
+
+
+def tensorboard_available() -> bool:
+    """Whether Lightning's TensorBoard logger can run (``tensorboard`` or ``tensorboardX``).
+
+    Example:
+        >>> isinstance(tensorboard_available(), bool)
+        True
+    """
+    return any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The data module of ``cfg.data`` (nothing is loaded before ``setup``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.create({"data": {"_target_": "metalight.data.SinusoidDataModule"}})
+        >>> type(build_datamodule(cfg)).__name__
+        'SinusoidDataModule'
+    """
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_module(cfg: DictConfig) -> MetaLearningModule:
+    """The algorithm of ``cfg.algorithm`` around the model of ``cfg.model``.
+
+    The algorithm config refers to the optimizers (``inner_optim: ${inner_optim}``), which
+    Hydra builds as ``functools.partial`` objects (``_partial_: true``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.create({
+        ...     "model": {"_target_": "metalight.models.MLP"},
+        ...     "algorithm": {"_target_": "metalight.algorithms.MAML", "inner_steps": 2}})
+        >>> build_module(cfg).inner_steps
+        2
+    """
+    model = instantiate(cfg.model, _convert_="all")
+    module = instantiate(cfg.algorithm, model=model, _convert_="all")
+    if not isinstance(module, MetaLearningModule):
+        raise TypeError(
+            f"algorithm._target_ must build a metalight MetaLearningModule, got "
+            f"{type(module).__name__}"
+        )
+    return module
+
+
+def _targets(node: DictConfig | None) -> list[tuple[str, DictConfig]]:
+    if not node:
+        return []
+    return [(str(k), v) for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """The loggers of ``cfg.logger``; TensorBoard ones are skipped when it is not installed.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> build_loggers(OmegaConf.create({"logger": {}}))
+        []
+    """
+    loggers = []
+    for _, node in _targets(cfg.get("logger")):
+        if str(node["_target_"]).endswith("TensorBoardLogger") and not tensorboard_available():
+            continue
+        loggers.append(instantiate(node, _convert_="all"))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The callbacks of ``cfg.callbacks`` (checkpointing, ...).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> build_callbacks(OmegaConf.create({"callbacks": None}))
+        []
+    """
+    return [instantiate(node, _convert_="all") for _, node in _targets(cfg.get("callbacks"))]
+
+
+def build_trainer(
+    cfg: DictConfig,
+    loggers: list[Logger] | None = None,
+    callbacks: list[Callback] | None = None,
+    **overrides: Any,
+) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``cfg.trainer`` with the given loggers and callbacks.
+
+    Checkpointing is switched off when no ``ModelCheckpoint`` is among the callbacks, so a
+    run without one writes no checkpoint anywhere.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.create({"trainer": {"_target_": "lightning.Trainer",
+        ...     "accelerator": "cpu", "inference_mode": False, "enable_progress_bar": False,
+        ...     "enable_model_summary": False}})
+        >>> build_trainer(cfg).checkpoint_callback is None
+        True
+    """
+    callbacks = list(callbacks or [])
+    kwargs: dict[str, Any] = {
+        "logger": list(loggers) if loggers else False,
+        "callbacks": callbacks,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+    kwargs.update(overrides)
+    return instantiate(cfg.trainer, **kwargs, _convert_="all")
+
+
+@dataclass
+class Components:
+    """What one run is made of.
+
+    Attributes:
+        datamodule: the episodes.
+        module: the algorithm with its model.
+        trainer: the Lightning trainer, with loggers and callbacks.
+    """
+
+    datamodule: L.LightningDataModule
+    module: MetaLearningModule
+    trainer: L.Trainer
+
+
+def build(cfg: DictConfig) -> Components:
+    """Instantiate the data module, the algorithm and the trainer of a composed config.
+
+    ``cfg.paths.run_dir`` must be set, since loggers and checkpoints write under it.
+
+    Example:
+        >>> from hydra import compose, initialize_config_dir
+        >>> from metalight.run import config_dir, register_recipes, register_resolvers
+        >>> _ = register_recipes(); register_resolvers()
+        >>> with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        ...     cfg = compose("train", ["+recipe=maml", "paths.run_dir=/tmp/x", "logger=none"])
+        >>> type(build(cfg).module).__name__
+        'MAML'
+    """
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg))
+    return Components(datamodule, module, trainer)

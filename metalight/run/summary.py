@@ -1,0 +1,113 @@
+"""The short text printed at the end of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["describe_data", "format_metrics", "format_summary"]
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def describe_data(data: Mapping[str, Any]) -> str:
+    """One phrase for the data config, e.g. ``omniglot, 5-way 1-shot (15 queries per class)``.
+
+    Example:
+        >>> describe_data({"_target_": "metalight.data.SinusoidDataModule", "shots": 10})
+        'sinusoid regression, K=10 support points'
+    """
+    target = str(data.get("_target_", "")).rsplit(".", 1)[-1]
+    name = target.removesuffix("DataModule").lower() or "data"
+    name = {"miniimagenet": "mini_imagenet", "imagefolder": "image_folder"}.get(name, name)
+    if "ways" not in data:
+        return f"{name} regression, K={data.get('shots')} support points"
+    eval_shots = data.get("eval_shots")
+    shots = data.get("shots")
+    text = f"{name}, {data.get('ways')}-way {shots}-shot ({data.get('queries')} queries per class)"
+    if eval_shots not in (None, shots):
+        text += f", tested {eval_shots}-shot"
+    return text
+
+
+def format_metrics(metrics: Mapping[str, float], stage: str, eval_steps: int | None) -> str:
+    """The pre/post-adaptation line of ``stage`` ("test" or "val"), with the 95% CI.
+
+    Example:
+        >>> format_metrics({"test/loss_pre": 4.0, "test/loss_post": 0.5,
+        ...     "test/loss_post_ci95": 0.05, "test/loss_step1": 1.2}, "test", 10)
+        'MSE before adaptation 4.000 | after 1 step 1.200 | after 10 steps 0.500 ± 0.050 (95% CI)'
+    """
+    accuracy = f"{stage}/acc_post" in metrics
+    kind = "acc" if accuracy else "loss"
+
+    def show(value: float) -> str:
+        return f"{100 * value:.2f}%" if accuracy else f"{value:.3f}"
+
+    def steps_text(count: int | None) -> str:
+        if count is None:
+            return "after adaptation"
+        return f"after {count} step" + ("" if count == 1 else "s")
+
+    parts = []
+    if f"{stage}/{kind}_pre" in metrics:
+        parts.append(f"before adaptation {show(metrics[f'{stage}/{kind}_pre'])}")
+    prefix = f"{stage}/{kind}_step"
+    for key in sorted(
+        (k for k in metrics if k.startswith(prefix)), key=lambda k: int(k[len(prefix) :])
+    ):
+        parts.append(f"{steps_text(int(key[len(prefix) :]))} {show(metrics[key])}")
+    post = metrics.get(f"{stage}/{kind}_post")
+    if post is not None:
+        text = f"{steps_text(eval_steps)} {show(post)}"
+        ci = metrics.get(f"{stage}/{kind}_post_ci95")
+        if ci is not None:
+            episodes = metrics.get(f"{stage}/episodes")
+            over = f" over {int(episodes)} tasks" if episodes else ""
+            text += f" ± {show(ci)} (95% CI{over})"
+        parts.append(text)
+    label = "accuracy" if accuracy else "MSE"
+    return f"{label} " + " | ".join(parts) if parts else "no metrics"
+
+
+def format_summary(results: Mapping[str, Any]) -> str:
+    """The end-of-run summary: recipe, data, final metrics with 95% CI, and the run directory.
+
+    Args:
+        results: what :func:`metalight.run.train` or :func:`metalight.run.evaluate` returns.
+
+    Example:
+        >>> print(format_summary({"command": "train", "recipe": "maml", "description": "MAML",
+        ...     "data": "sinusoid regression, K=10 support points", "steps": 5, "seconds": 3.0,
+        ...     "metrics": {}, "run_dir": "runs/x", "eval_inner_steps": 10}))
+        metalight train finished
+          recipe    maml: MAML
+          data      sinusoid regression, K=10 support points
+          trained   5 meta-iterations in 3.0s
+          test      no metrics
+          run dir   runs/x
+    """
+    lines = [f"metalight {results.get('command', 'train')} finished"]
+    recipe = results.get("recipe") or "none"
+    description = results.get("description")
+    lines.append(f"  recipe    {recipe}" + (f": {description}" if description else ""))
+    lines.append(f"  data      {results.get('data', '?')}")
+    if results.get("checkpoint_evaluated"):
+        lines.append(f"  weights   {results['checkpoint_evaluated']}")
+    if results.get("steps") is not None:
+        lines.append(
+            f"  trained   {results['steps']} meta-iterations in {_duration(results['seconds'])}"
+        )
+    metrics = results.get("metrics", {})
+    test = format_metrics(metrics, "test", results.get("eval_inner_steps"))
+    lines.append(f"  test      {test}")
+    if results.get("expected"):
+        lines.append(f"  expected  {results['expected']}")
+    lines.append(f"  run dir   {results.get('run_dir')}")
+    return "\n".join(lines)
