@@ -478,9 +478,16 @@ class OmniglotDataModule(EpisodicDataModule):
         train, val, test = splits
         if self.train_rotations:
             train = train.with_rotations()
+        # An empty evaluation list (e.g. val_alphabets=[]) means no such split, not an error.
+        evaluation = {
+            name: None if part.num_classes == 0 else part
+            for name, part in (("val", val), ("test", test))
+        }
         if self.eval_rotations:
-            val, test = val.with_rotations(), test.with_rotations()
-        return {"train": train, "val": val, "test": test}
+            evaluation = {
+                k: v.with_rotations() if v is not None else None for k, v in evaluation.items()
+            }
+        return {"train": train, **evaluation}
 
 
 class ImageFolderDataModule(EpisodicDataModule):
