@@ -147,9 +147,6 @@ def test_omniglot_recipe_trains_on_the_small_sets(
         "train",
         "+recipe=omniglot_maml_5w1s",
         f"data.root={omniglot_dir}",
-        # Until OmniglotDataModule accepts an empty validation list, hold one alphabet out.
-        "data.train_alphabets=[Balinese,Early_Aramaic,Korean,'Japanese_(katakana)',Sanskrit]",
-        "data.val_alphabets=[Tagalog]",
         "model.hidden=8",
         *TINY,
         "trainer.max_steps=2",
