@@ -1,4 +1,4 @@
-"""Crash-safe files: atomic checkpoint saves and run directories that never collide.
+"""Crash-safe files: atomic checkpoint saves and small run files.
 
 A process killed at any moment (``SIGKILL``, power loss after the data reached the disk, an
 out-of-memory kill) must not destroy work already saved:
@@ -8,9 +8,8 @@ out-of-memory kill) must not destroy work already saved:
   and fsyncs the folder. A reader sees either the previous complete file or the new
   complete file, never a prefix.
 * :func:`atomic_write` does the same for small files of a run (configs, results).
-* :func:`unique_run_dir` creates a fresh run directory with an exclusive ``mkdir``: two runs
-  started at the same moment with the same name get different directories, and no run
-  ever writes into another's.
+
+Fresh run directories that never collide are :func:`metalight.run.resources.make_run_dir`'s.
 
 Temporary files are hidden (``.<name>.<random>.tmp``) and never end in ``.ckpt``, so
 Lightning's ``ckpt_path="last"`` lookup cannot pick up a half-written one. A process killed
@@ -35,7 +34,6 @@ __all__ = [
     "AtomicCheckpointIO",
     "CorruptCheckpointError",
     "atomic_write",
-    "unique_run_dir",
 ]
 
 _TMP_SUFFIX = ".tmp"
@@ -184,44 +182,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "cannot leave a partial file"
                 ) from err
             raise
-
-
-def unique_run_dir(root: str | os.PathLike[str], name: str) -> Path:
-    """Creates and returns a new, empty run directory ``root/name`` (or ``name-1``, ...).
-
-    The last component is created with an exclusive ``mkdir``, which the operating system
-    performs atomically: of several processes asking for the same name at the same moment,
-    exactly one gets ``name`` and the others get ``name-1``, ``name-2``, ... A run therefore
-    never reuses, and so never overwrites, another run's directory.
-
-    Args:
-        root: Folder holding the runs (created if missing).
-        name: Run name; may contain ``/`` to nest (e.g. ``"2024-06-01/maml"``), but must be
-            relative and must not contain ``..``.
-
-    Raises:
-        ValueError: If ``name`` is empty, absolute or climbs out of ``root``.
-
-    Example:
-        >>> import tempfile
-        >>> root = tempfile.mkdtemp()
-        >>> unique_run_dir(root, "maml").name, unique_run_dir(root, "maml").name
-        ('maml', 'maml-1')
-    """
-    relative = Path(name)
-    if not name or relative.is_absolute() or ".." in relative.parts or relative.name == "":
-        raise ValueError(
-            f"run name {name!r} must be a non-empty relative path without '..' (it is created "
-            f"inside {os.fspath(root)})"
-        )
-    base = Path(root) / relative
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(100_000):
-        candidate = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        _fsync_dir(candidate.parent)
-        return candidate
-    raise FileExistsError(f"could not create a fresh run directory for {base}: too many exist")

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from metalight.lightning.checkpoint_io import AtomicCheckpointIO
 from metalight.lightning.module import MetaLearningModule
 
 __all__ = [
@@ -130,6 +131,9 @@ def build_trainer(
         "callbacks": callbacks,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
     }
+    if not cfg.trainer.get("plugins"):
+        # A kill during a save must leave the previous checkpoint whole.
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs, _convert_="all")
 

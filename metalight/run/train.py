@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metalight.data.datamodule import SinusoidDataModule
+from metalight.lightning.checkpoint_io import atomic_write
 from metalight.run.build import Components, build, build_datamodule, build_module, build_trainer
 from metalight.run.errors import ConfigError
 from metalight.run.plots import plot_sinusoid_tasks, plot_training_curves
@@ -165,9 +166,7 @@ def _write_pictures(
 
 
 def _save(run_dir: Path, results: dict[str, Any]) -> None:
-    with open(run_dir / RESULTS_FILE, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, default=str)
-        handle.write("\n")
+    atomic_write(run_dir / RESULTS_FILE, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg = _with_run_dir(cfg, run_dir)
     components = build(cfg)
     if rank_zero_only.rank == 0:
-        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     trainer = components.trainer
     ckpt_path = cfg.get("ckpt_path")
     start = time.monotonic()
@@ -368,7 +367,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     results.update(metrics=_float_metrics(test), checkpoint_evaluated=str(ckpt_path))
     components = Components(datamodule, module, trainer)
     _write_pictures(components, out_dir, results, None)
-    (out_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    atomic_write(out_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     results["files"]["config"] = str(out_dir / CONFIG_FILE)
     _save(out_dir, results)
     print(format_summary(results), flush=True)

@@ -23,9 +23,9 @@ from metalight.lightning.checkpoint_io import (
     CorruptCheckpointError,
     _atomic_write_with,
     atomic_write,
-    unique_run_dir,
 )
 from metalight.models import MLP
+from metalight.run.resources import make_run_dir
 from tests.reliability import _save_loop
 from tests.reliability._helpers import HERE, child_env, wait_until
 
@@ -165,7 +165,7 @@ def test_concurrent_runs_get_distinct_directories(tmp_path: Path) -> None:
 
     def start_run() -> None:
         barrier.wait()
-        path = unique_run_dir(tmp_path / "runs", "2024-06-01/maml")
+        path = make_run_dir(tmp_path / "runs", "maml")
         with lock:
             made.append(path)
 
@@ -176,14 +176,14 @@ def test_concurrent_runs_get_distinct_directories(tmp_path: Path) -> None:
         t.join()
     names = sorted(p.name for p in made)
     assert len(set(made)) == n
-    assert set(names) == {"maml"} | {f"maml-{i}" for i in range(1, n)}
-    assert all(p.parent == tmp_path / "runs" / "2024-06-01" and p.is_dir() for p in made)
+    assert set(names) == {"maml"} | {f"maml_{i}" for i in range(1, n)}
+    assert all(p.parent == tmp_path / "runs" and p.is_dir() for p in made)
 
 
 def test_an_existing_run_directory_is_never_reused(tmp_path: Path) -> None:
     old = tmp_path / "run"
     old.mkdir()
     (old / "last.ckpt").write_bytes(b"previous run")
-    new = unique_run_dir(tmp_path, "run")
-    assert new == tmp_path / "run-1" and not any(new.iterdir())
+    new = make_run_dir(tmp_path, "run")
+    assert new == tmp_path / "run_1" and not any(new.iterdir())
     assert (old / "last.ckpt").read_bytes() == b"previous run"
