@@ -284,8 +284,10 @@ def test_parameter_groups_with_their_own_hyperparameters(opt_cls: type) -> None:
     ref = copy.deepcopy(model)
 
     def groups(m: nn.Module) -> list[dict]:
-        return [{"params": m[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
-                {"params": m[2].parameters(), "lr": 0.01}]
+        return [
+            {"params": m[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
+            {"params": m[2].parameters(), "lr": 0.01},
+        ]
 
     opt = opt_cls(groups(model), lr=0.02, foreach=False)
     ref_opt = opt_cls(groups(ref), lr=0.02, foreach=False)

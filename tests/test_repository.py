@@ -48,9 +48,15 @@ def test_custom_algorithm_example_is_short_and_trains() -> None:
     for _ in range(3):
         centers = torch.randn(3, 2, generator=g) * 3
         y = torch.arange(3).repeat_interleave(2)
-        tasks.append(Task(centers[y] + 0.1 * torch.randn(6, 2, generator=g), y,
-                          centers[y] + 0.1 * torch.randn(6, 2, generator=g), y,
-                          torch.arange(3)))
+        tasks.append(
+            Task(
+                centers[y] + 0.1 * torch.randn(6, 2, generator=g),
+                y,
+                centers[y] + 0.1 * torch.randn(6, 2, generator=g),
+                y,
+                torch.arange(3),
+            )
+        )
     module.training_step(TaskBatch.stack(tasks), 0).backward()
     body = module.model.features
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in body.parameters())
