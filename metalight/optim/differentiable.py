@@ -277,6 +277,12 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
     """
 
     core: ClassVar[FunctionalOptimizer]
+    _initialised: set[int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # ids of per-parameter state dicts already initialised (they live as long as self)
+        self._initialised = set()
+        super().__init__(*args, **kwargs)
 
     def hyperparameters(self) -> list[dict[str, Any]]:
         """The core's hyperparameters of each group, as they are now."""
@@ -292,13 +298,20 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
             self.state, self._group_to_param_list, self.hyperparameters(), strict=True
         ):
             entries = [state[i] for i in range(len(indices))]
-            fresh = [i for i, entry in enumerate(entries) if not entry]
+            # An optimizer whose state stays empty (SGD without momentum) would otherwise be
+            # initialised again at every step; the ids of entries done are remembered.
+            fresh = [
+                i
+                for i, entry in enumerate(entries)
+                if not entry and id(entry) not in self._initialised
+            ]
             if fresh:
                 new = core.init([params[indices[i]] for i in fresh], **hyper)
                 for field, values in zip(fields, new, strict=True):
                     for i, v in zip(fresh, values, strict=True):
                         if v is not None:
                             entries[i][field] = v
+                self._initialised.update(id(entries[i]) for i in fresh)
             states.append(core.state_type(*[[e.get(f) for e in entries] for f in fields]))
         return states
 
