@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from metalight.algorithms import ANIL, FOMAML, IMAML, MAML, MetaSGD, Reptile
 from metalight.lightning import MetaLearningModule
+from metalight.optim.functional import BY_TORCH_CLASS
 from metalight.run import (
     ConfigError,
     build,
@@ -36,19 +37,8 @@ ALGORITHMS = {
     "reptile": Reptile,
     "imaml": IMAML,
 }
-INNER_OPTIMIZERS = [
-    "sgd",
-    "adam",
-    "adamw",
-    "adadelta",
-    "adagrad",
-    "adamax",
-    "asgd",
-    "rmsprop",
-    "rprop",
-    "radam",
-    "nadam",
-]
+# One inner_optim config per built-in differentiable optimizer, named as its functional core.
+INNER_OPTIMIZERS = sorted(core.name for core in BY_TORCH_CLASS.values())
 
 
 def _options(group: str) -> list[str]:
