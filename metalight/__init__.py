@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         get_trainable_opt_params,
         register_optim,
     )
-    from metalight.unroll import innerloop_ctx
+    from metalight.unroll import UnrollPolicy, innerloop_ctx
 
 # Imported on first use, so that `import metalight.data` in a DataLoader worker does not
 # pay for the engine (and the engine does not pay for Lightning).
@@ -49,6 +49,7 @@ _LAZY = {
     "get_trainable_opt_params": ("metalight.optim", "get_trainable_opt_params"),
     "register_optim": ("metalight.optim", "register_optim"),
     "innerloop_ctx": ("metalight.unroll", "innerloop_ctx"),
+    "UnrollPolicy": ("metalight.unroll", "UnrollPolicy"),
 }
 
 
@@ -72,6 +73,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DifferentiableOptimizer",
     "FunctionalModule",
+    "UnrollPolicy",
     "__version__",
     "apply_trainable_opt_params",
     "create_diff_optim",

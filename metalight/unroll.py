@@ -18,7 +18,7 @@ from metalight.optim.differentiable import (
 )
 from metalight.optim.registry import get_diff_optim
 
-__all__ = ["UnrollPolicy", "checkpointed_unroll", "innerloop_ctx"]
+__all__ = ["UnrollPolicy", "checkpointed_unroll", "innerloop_ctx", "run_unroll"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,8 @@ def innerloop_ctx(
     *,
     detach_initial_weights: bool | None = None,
     first_order: bool = False,
+    truncate: int | None = None,
+    checkpoint: bool = False,
     sync_buffers: bool = False,
     **kwargs: Any,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
@@ -90,6 +92,11 @@ def innerloop_ctx(
             parameters, so ``meta_loss.backward()`` fills ``model``'s ``.grad`` (MAML).
             Overrides ``copy_initial_weights`` when given.
         first_order: first-order approximation (no second derivatives) for any optimizer.
+        truncate: with :meth:`~DifferentiableOptimizer.unroll`, the meta-gradient flows
+            through the last ``truncate`` inner steps only (see :class:`UnrollPolicy`).
+        checkpoint: with :meth:`~DifferentiableOptimizer.unroll`, recompute each step's
+            activations in the backward pass instead of storing them (built-in optimizers).
+            With either, ``diffopt.step(loss)`` refuses to run: use ``diffopt.unroll``.
         sync_buffers: on exit, write the unroll's buffers (BatchNorm running stats) into
             ``model``.
         **kwargs: passed to the differentiable optimizer (e.g. ``grad_callback``).
@@ -111,7 +118,20 @@ def innerloop_ctx(
         ...     mse(fmodel(x), y).backward()
         >>> model.weight.grad.shape
         torch.Size([1, 4])
+
+        A long unroll with truncated backpropagation and recomputed activations:
+
+        >>> ctx = metalight.innerloop_ctx(
+        ...     model, opt, copy_initial_weights=False, truncate=10, checkpoint=True
+        ... )
+        >>> with ctx as (fmodel, diffopt):
+        ...     _ = diffopt.unroll(lambda params: mse(fmodel(x, params=params), y), steps=100)
+        ...     mse(fmodel(x), y).backward()
+
+    Raises:
+        TypeError: ``checkpoint=True`` with an optimizer that has no pure functional core.
     """
+    policy = UnrollPolicy(first_order=first_order, truncate=truncate, checkpoint=checkpoint)
     fmodel = monkeypatch(
         model,
         device=device,
@@ -129,6 +149,13 @@ def innerloop_ctx(
         first_order=first_order,
         **kwargs,
     )
+    if checkpoint and not isinstance(diffopt, FunctionalCoreOptimizer):
+        raise TypeError(
+            f"checkpoint=True needs a built-in differentiable optimizer with a pure functional "
+            f"core; {type(diffopt).__name__} updates in place (its _update would run twice when "
+            "a step is recomputed). Open the loop without checkpoint=True for custom optimizers."
+        )
+    diffopt.unroll_policy = policy
     yield fmodel, diffopt
     if sync_buffers:
         fmodel.copy_buffers_to_module()
@@ -256,9 +283,12 @@ def checkpointed_unroll(
 ) -> None:
     """Unroll ``steps`` differentiable steps, recomputing each step's graph in backward.
 
-    Each step (inner forward, gradient, optimizer update) is one autograd node that keeps
-    only its inputs (fast weights, optimizer state, tensor hyperparameters): the forward pass
-    builds no second-order graph, and the backward pass rebuilds one step's graph at a time.
+    Each step but the last (inner forward, gradient, optimizer update) is one autograd node
+    that keeps only its inputs (fast weights, optimizer state, tensor hyperparameters): the
+    forward pass builds no second-order graph for it, and the backward pass rebuilds one
+    step's graph at a time. The last step keeps its graph, as the backward pass needs it
+    first. Peak memory is about two steps' graphs plus ``steps`` copies of the fast weights
+    and optimizer state; time about one extra forward-and-gradient pass per step.
     The meta-gradient equals the plain unroll's. Higher-order derivatives of the meta-loss
     (a gradient of the meta-gradient) are not available through it, and running BatchNorm
     statistics are updated again when a step is recomputed.
@@ -317,7 +347,13 @@ def checkpointed_unroll(
                 structure.append(new_rebuild)
             return (*new_params, *new_tensors, loss.detach())
 
-        outputs = _RecomputedStep.apply(run, *params, *state_tensors, *hyper_tensors)
+        inputs = (*params, *state_tensors, *hyper_tensors)
+        if step == steps - 1:
+            # The backward pass starts with the last step: its graph is kept from the forward
+            # pass rather than rebuilt, which saves one recomputation at one step's memory.
+            outputs = run(inputs, create_graph=True)
+        else:
+            outputs = _RecomputedStep.apply(run, *inputs)
         if on_loss is not None:
             on_loss(outputs[-1], step)
         params = list(outputs[:n])
@@ -326,3 +362,74 @@ def checkpointed_unroll(
         if after_step is not None:
             after_step(step + 1)
     diffopt.store_group_states(states)
+
+
+def run_unroll(
+    fmodel: FunctionalModule,
+    diffopt: DifferentiableOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    policy: UnrollPolicy | None = None,
+    *,
+    create_graph: bool = True,
+    override: Callable[[int], Override | None] | None = None,
+    on_loss: Callable[[Tensor, int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``steps`` inner steps of ``diffopt`` on ``fmodel`` under an unroll policy.
+
+    The loop behind :meth:`DifferentiableOptimizer.unroll` and
+    :class:`~metalight.lightning.MetaLearningModule`: plain, first-order, truncated
+    (first-order before the last ``policy.truncate`` steps, optimizer state carried across)
+    or checkpointed (:func:`checkpointed_unroll`).
+
+    Args:
+        fmodel: the functional model; its fast weights are advanced.
+        diffopt: its differentiable optimizer.
+        support_loss: the inner loss as a function of the fast weights (a list in the
+            order of ``fmodel.parameters()``); with ``policy.checkpoint`` it runs again in
+            the backward pass, so it must have no side effects.
+        steps: number of inner steps.
+        policy: the unroll policy (default: plain, second order).
+        create_graph: False runs every step first-order without a higher-order graph
+            (evaluation).
+        override: hyperparameters of each step (e.g. learnable learning rates), or None.
+        on_loss: called with each step's detached inner loss (NaN checks).
+        after_step: called with the number of steps done.
+
+    Example:
+        >>> import torch
+        >>> import metalight
+        >>> from metalight.unroll import UnrollPolicy, run_unroll
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = metalight.monkeypatch(model, copy_initial_weights=False)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+        >>> x, y = torch.randn(6, 2), torch.randn(6, 1)
+        >>> loss = lambda params: (fmodel(x, params=params) - y).pow(2).mean()
+        >>> run_unroll(fmodel, diffopt, loss, 4, UnrollPolicy(truncate=2))
+        >>> loss(fmodel.fast_params).backward()
+        >>> model.weight.grad.shape
+        torch.Size([1, 2])
+    """
+    policy = policy if policy is not None else UnrollPolicy()
+    if create_graph and policy.checkpoint:
+        checkpointed_unroll(
+            fmodel,
+            diffopt,
+            support_loss,
+            steps,
+            override=override,
+            first_order_at=lambda step: policy.first_order_at(step, steps),
+            on_loss=on_loss,
+            after_step=after_step,
+        )
+        return
+    for step in range(steps):
+        diffopt.first_order = not create_graph or policy.first_order_at(step, steps)
+        loss = support_loss(fmodel.fast_params or [])
+        if on_loss is not None:
+            on_loss(loss.detach(), step)
+        diffopt._step(loss, override=None if override is None else override(step))
+        if after_step is not None:
+            after_step(step + 1)

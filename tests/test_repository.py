@@ -26,15 +26,25 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:
     assert commands[1] in ci, "the last step of .ci/run must be the README's test command"
 
 
+def python_block(marker: str) -> str:
+    (block,) = [b for b in code_blocks("python") if marker in b]
+    return block
+
+
 def test_higher_style_example_runs_and_fills_grads() -> None:
     namespace: dict = {}
-    exec(compile(code_blocks("python")[0], "README-higher", "exec"), namespace)
+    exec(compile(python_block("import metalight as higher"), "README-higher", "exec"), namespace)
     model = namespace["model"]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # The long-unroll example continues the same session.
+    for p in model.parameters():
+        p.grad = None
+    exec(compile(python_block("diffopt.unroll("), "README-unroll", "exec"), namespace)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_custom_algorithm_example_is_short_and_trains() -> None:
-    source = code_blocks("python")[2]
+    source = python_block("class SmoothedMAML")
     assert len(source.strip().splitlines()) < 30
     namespace: dict = {}
     exec(compile(source, "README-custom", "exec"), namespace)

@@ -25,7 +25,7 @@ from metalight.functional import FunctionalModule, monkeypatch
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import differentiable_class, get_diff_optim
-from metalight.unroll import UnrollPolicy, checkpointed_unroll
+from metalight.unroll import UnrollPolicy, run_unroll
 
 __all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
 
@@ -376,27 +376,17 @@ class MetaLearningModule(L.LightningModule):
                 weights = zip(names, fmodel.fast_params or [], strict=True)
                 raise NonFiniteError(self._describe_nonfinite(loss, step, weights))
 
-        if create_graph and self.policy.checkpoint:
-            checkpointed_unroll(
-                fmodel,
-                diffopt,
-                support_loss,
-                steps,
-                override=self.inner_override,
-                first_order_at=lambda step: self.policy.first_order_at(step, steps),
-                on_loss=guard,
-                after_step=after_step,
-            )
-            if check and steps:
-                self._check_final_weights(names, fmodel.fast_params or [], steps)
-            return
-        for step in range(steps):
-            diffopt.first_order = not create_graph or self.policy.first_order_at(step, steps)
-            loss = support_loss(fmodel.fast_params or [])
-            guard(loss.detach(), step)
-            diffopt.step(loss, override=self.inner_override(step))
-            if after_step is not None:
-                after_step(step + 1)
+        run_unroll(
+            fmodel,
+            diffopt,
+            support_loss,
+            steps,
+            self.policy,
+            create_graph=create_graph,
+            override=self.inner_override,
+            on_loss=guard,
+            after_step=after_step,
+        )
         if check and steps:
             self._check_final_weights(names, fmodel.fast_params or [], steps)
 

@@ -19,12 +19,15 @@ import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from metalight.optim.functional import FunctionalOptimizer
+
+if TYPE_CHECKING:
+    from metalight.unroll import UnrollPolicy
 
 __all__ = ["DifferentiableOptimizer", "FunctionalCoreOptimizer", "GradCallback", "Override"]
 
@@ -112,6 +115,8 @@ class DifferentiableOptimizer:
         self._grad_callback = grad_callback
         self._track_higher_grads = track_higher_grads
         self._first_order = first_order
+        # Set by innerloop_ctx(truncate=..., checkpoint=...); read by unroll().
+        self.unroll_policy: UnrollPolicy | None = None
         if override is not None:
             self._apply_override(override)
 
@@ -183,7 +188,104 @@ class DifferentiableOptimizer:
         Raises:
             ValueError: no params to step, a params list of the wrong length, or a loss that
                 does not depend on the fast weights.
+            RuntimeError: the inner loop was opened with ``truncate`` or ``checkpoint``
+                (use :meth:`unroll`).
         """
+        policy = self.unroll_policy
+        if policy is not None and (policy.truncate is not None or policy.checkpoint):
+            what = "truncate=" + str(policy.truncate) if policy.truncate is not None else ""
+            what = what or "checkpoint=True"
+            raise RuntimeError(
+                f"this inner loop was opened with {what}, which step() cannot apply (it needs "
+                "the number of steps, and a checkpointed unroll needs the inner loss as a "
+                "function to recompute it): run the loop with diffopt.unroll(loss_fn, steps), "
+                "where loss_fn(params) computes the inner loss with fmodel(x, params=params)"
+            )
+        return self._step(loss, params, override, grad_callback, **kwargs)
+
+    def unroll(
+        self,
+        loss_fn: Callable[[list[Tensor]], Tensor],
+        steps: int,
+        override: Override | Callable[[int], Override | None] | None = None,
+    ) -> list[Tensor]:
+        """Take ``steps`` steps on ``loss_fn`` under the inner loop's unroll policy.
+
+        The policy comes from :func:`~metalight.innerloop_ctx`'s ``first_order``,
+        ``truncate`` and ``checkpoint``: the meta-gradient flows through the last
+        ``truncate`` steps only (earlier steps run first-order, the optimizer state carries
+        across), and a checkpointed unroll recomputes each step's activations in the
+        backward pass instead of storing them (built-in optimizers only). Without a policy
+        this is ``steps`` calls of :meth:`step`.
+
+        Args:
+            loss_fn: the inner loss as a function of the fast weights, e.g.
+                ``lambda params: F.mse_loss(fmodel(x, params=params), y)``. A checkpointed
+                unroll calls it again in the backward pass: no side effects.
+            steps: the number of inner steps (>= 0).
+            override: hyperparameters for every step, or a function of the step index
+                returning them (None: keep the current ones).
+
+        Returns:
+            The final fast weights (also the fmodel's latest).
+
+        Raises:
+            ValueError: no fmodel, or a bad ``steps``.
+
+        Example:
+            >>> import torch
+            >>> import metalight
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+            >>> mse = torch.nn.functional.mse_loss
+            >>> ctx = metalight.innerloop_ctx(
+            ...     model, opt, copy_initial_weights=False, truncate=5, checkpoint=True
+            ... )
+            >>> with ctx as (fmodel, diffopt):
+            ...     _ = diffopt.unroll(lambda params: mse(fmodel(x, params=params), y), 50)
+            ...     mse(fmodel(x), y).backward()
+            >>> model.weight.grad.shape
+            torch.Size([1, 2])
+        """
+        from metalight.unroll import UnrollPolicy, run_unroll
+
+        if self._fmodel is None:
+            raise ValueError(
+                "unroll() needs the functional model: open the loop with innerloop_ctx, or "
+                "build the optimizer with fmodel=..."
+            )
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        policy = self.unroll_policy or UnrollPolicy()
+        if self._first_order and not policy.first_order:
+            policy = UnrollPolicy(
+                first_order=True, truncate=policy.truncate, checkpoint=policy.checkpoint
+            )
+        per_step = override if callable(override) else (lambda _step: override)
+        first_order = self._first_order
+        try:
+            run_unroll(
+                self._fmodel,
+                self,
+                loss_fn,
+                steps,
+                policy,
+                create_graph=self._track_higher_grads,
+                override=per_step,
+            )
+        finally:
+            self._first_order = first_order
+        return list(self._fmodel.fast_params or [])
+
+    def _step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
         if override is not None:
             self._apply_override(override)
         if params is None:

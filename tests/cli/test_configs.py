@@ -157,6 +157,29 @@ def test_every_algorithm_option_builds(algorithm: str, compose_train) -> None:
     assert type(module) is ALGORITHMS[algorithm]
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "meta_sgd"])
+def test_unroll_policies_are_chosen_from_the_command_line(algorithm: str, compose_train) -> None:
+    overrides = [
+        f"algorithm={algorithm}",
+        "algorithm.inner_steps=3",
+        "algorithm.truncate=2",
+        "algorithm.checkpoint_unroll=true",
+        "algorithm.vectorize_tasks=false",
+        "data.meta_batch_size=2",
+    ]
+    module = build_module(compose_train(overrides))
+    assert module.policy.checkpoint is True and module.policy.truncate == 2
+    assert module.vectorize_tasks is False
+    loss = module.training_step(
+        next(iter(build_datamodule(compose_train(overrides)).train_dataloader())), 0
+    )
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = [p.grad for p in module.meta_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert build_module(compose_train([f"algorithm={algorithm}"])).vectorize_tasks == "auto"
+
+
 @pytest.mark.parametrize("model", ["conv4", "resnet12"])
 def test_image_models_build_for_omniglot(model: str, compose_train) -> None:
     cfg = compose_train([f"model={model}", "data=omniglot", "model.in_channels=1"])
