@@ -37,15 +37,11 @@ while the summed-loss loop's grows linearly. Not a test: RSS includes allocator 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MiB = 2.0**20
@@ -53,29 +49,6 @@ VARIANTS = ("ml/module", "hand/sum", "hand/per-task")
 
 
 # --- child: one configuration -------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") == _status_kib("VmRSS")
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def measure(variant: str, tasks: int, args: argparse.Namespace) -> dict[str, object]:
     """Build the configuration, run the warm-up, then measure one meta-iteration."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,8 +59,8 @@ def measure(variant: str, tasks: int, args: argparse.Namespace) -> dict[str, obj
         hand_sum,
         make_module_step,
         setup_torch,
-        sync,
     )
+    from _memory import measure_peak
 
     device = setup_torch(args.threads, args.device)
     case = conv4_case(tasks, args.steps, device)
@@ -103,34 +76,8 @@ def measure(variant: str, tasks: int, args: argparse.Namespace) -> dict[str, obj
         case.zero_grad()
         fn()
     case.zero_grad()
-    gc.collect()
-    _malloc_trim()
-    sync(device)
-    result: dict[str, object] = {"path": getattr(module_step, "path", "")}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        result["seconds"] = time.perf_counter() - start
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
-        result["method"] = "cuda max_memory_allocated"
-    else:
-        rss = (_status_kib("VmRSS") or 0) * 1024
-        exact = _reset_peak_rss()
-        before = rss if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        start = time.perf_counter()
-        fn()
-        result["seconds"] = time.perf_counter() - start
-        if exact:
-            peak = (_status_kib("VmHWM") or 0) * 1024
-            result["method"] = "VmHWM after reset"
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            result["method"] = "ru_maxrss delta (only growth past the earlier peak)"
-        result["peak_bytes"] = peak - before
-        result["rss_before_bytes"] = rss
+    result = measure_peak(fn, device)
+    result["path"] = getattr(module_step, "path", "")
     grads = [p.grad for p in case.model.parameters()]
     result["finite"] = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     return result
@@ -149,9 +96,10 @@ def run_child(variant: str, tasks: int, args: argparse.Namespace) -> dict[str, o
         gc.collect()
         torch.cuda.empty_cache()
         return result
-    env = dict(os.environ)
-    # A fixed threshold turns off glibc's dynamic one: big tensors are mmapped and returned.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _memory import child_env
+
+    env = child_env()
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),

@@ -1,39 +1,44 @@
 """Long unrolls: peak memory and time of the plain, checkpointed and truncated unrolls.
 
-One Conv-4 MAML meta-iteration (5-way 1-shot, 15 queries per class, 28x28, one task, inner
-SGD lr 0.4, second order) for k = 1, 5, 10, 20, 50 inner steps, each configuration in a
-fresh subprocess so that peak memory is its own:
+One Conv-4 MAML meta-iteration of ``MetaLearningModule`` (5-way 1-shot, 15 queries per
+class, 28x28, one task, inner SGD lr 0.4, second order) for k = 1, 5, 10, 20, 50 inner
+steps with ``checkpoint_unroll=False`` (plain), ``checkpoint_unroll=True`` and
+``truncate=5`` (k >= 20).
 
-- on CPU, peak memory is the rise of the process's peak RSS during the measured iteration;
-- on CUDA, ``torch.cuda.max_memory_allocated`` over the iteration.
+- Memory: each configuration in a fresh process, one warm-up iteration, then the peak
+  growth during the measured one (``_memory.measure_peak``: RSS high-water mark reset just
+  before it on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+- Time: in this process, the three policies interleaved round by round (same initial
+  weights and task); a ratio is the median of the per-round ratios against the plain
+  unroll of the same round, with its interquartile range.
 
-Ratios are against the plain unroll measured in the same run. Targets (issue "Long
-unrolls"): at k = 50 the checkpointed unroll uses at most a third of the plain unroll's
-peak memory at no more than 1.5x its time; the truncated unroll (T = 5) costs about what
-5 second-order steps cost.
+Targets (issue "Long unrolls"): at k = 50 the checkpointed unroll uses at most a third of
+the plain unroll's peak memory at no more than 1.5x its time; the truncated unroll (T = 5)
+costs far less than the full one.
 
 Usage:
-    python benchmarks/bench_unroll.py [--quick] [--device cuda] [--threads 1]
+    python benchmarks/bench_unroll.py [--quick] [--device cuda] [--threads 1] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+POLICIES = {
+    "plain": {},
+    "checkpointed": {"checkpoint_unroll": True},
+    "truncated T=5": {"truncate": 5},
+}
 
 
-def measure(policy: str, steps: int, device: str, threads: int, repeats: int) -> dict:
-    """Run one configuration in this process and return peak memory (MiB) and time (s)."""
+def build(policy: str, steps: int, device: str):
+    """The module (same initial weights for every policy) and a one-task batch."""
     import functools
-    import resource
-    import statistics
-    import time
 
     import torch
 
@@ -41,24 +46,19 @@ def measure(policy: str, steps: int, device: str, threads: int, repeats: int) ->
     from metalight.data import Task, TaskBatch
     from metalight.models import Conv4
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    options = {
-        "plain": {},
-        "checkpointed": {"checkpoint_unroll": True},
-        "truncated": {"truncate": 5},
-    }[policy]
     module = MAML(
         Conv4(hidden=64),
         inner_optim=functools.partial(torch.optim.SGD, lr=0.4),
         inner_steps=steps,
-        **options,
+        **POLICIES[policy],
     ).to(device)
     ways = torch.arange(5)
+    generator = torch.Generator().manual_seed(1)
     task = Task(
-        torch.randn(5, 1, 28, 28),
+        torch.randn(5, 1, 28, 28, generator=generator),
         ways,
-        torch.randn(75, 1, 28, 28),
+        torch.randn(75, 1, 28, 28, generator=generator),
         ways.repeat_interleave(15),
         ways,
     )
@@ -66,90 +66,82 @@ def measure(policy: str, steps: int, device: str, threads: int, repeats: int) ->
 
     def iteration() -> None:
         module.zero_grad(set_to_none=True)
+        # The meta-gradient is taken inside (per task); backward() moves it into .grad.
         module.training_step(batch, 0).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    if device == "cuda":
-        iteration()  # warm-up: kernels, allocator
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        iteration()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        # The first iteration is the measured one: RSS peaks never go down.
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        iteration()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        iteration()
-        times.append(time.perf_counter() - start)
-    return {"peak_mib": peak, "seconds": statistics.median(times)}
+    return iteration
 
 
-def run_child(policy: str, steps: int, device: str, threads: int, repeats: int) -> dict:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            policy,
-            str(steps),
-            device,
-            str(threads),
-            str(repeats),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child(policy: str, steps: int, device_name: str, threads: int) -> None:
+    sys.path.insert(0, str(HERE))
+    from _common import setup_torch
+    from _memory import measure_peak
+
+    device = setup_torch(threads, device_name)
+    iteration = build(policy, steps, device_name)
+    iteration()  # warm-up: thread pools, kernels' scratch space
+    print("RESULT " + json.dumps(measure_peak(iteration, device)), flush=True)
+
+
+def peak_in_child(policy: str, steps: int, args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(HERE))
+    from _memory import child_env
+
+    cmd = [sys.executable, __file__, "--child", policy, str(steps), args.device]
+    cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{policy} at k={steps} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="k = 5 and 20 only, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="k = 5 and 20, 3 rounds")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help="timed rounds per k (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, nargs="+", help="values of k (1 5 10 20 50)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        policy, steps, device, threads, repeats = args.child
-        print(json.dumps(measure(policy, int(steps), device, int(threads), int(repeats))))
+        policy, steps, device = args.child
+        child(policy, int(steps), device, args.threads)
         return
-    steps_list = [5, 20] if args.quick else [1, 5, 10, 20, 50]
-    repeats = 1 if args.quick else 3
+    sys.path.insert(0, str(HERE))
+    from _common import describe_machine, paired_ratio, setup_torch, time_interleaved
+    from _memory import MiB
+
+    device = setup_torch(args.threads, args.device)
+    steps_list = args.steps or ([5, 20] if args.quick else [1, 5, 10, 20, 50])
+    rounds = args.rounds or (3 if args.quick else 5)
+    print(describe_machine(device))
     print(
-        f"Conv-4 MAML meta-iteration, 5-way 1-shot, 1 task, device={args.device}, "
-        f"threads={args.threads}, median of {repeats} timed iterations"
+        "Conv-4 MAML meta-iteration, 5-way 1-shot, 15 queries, 1 task; peak: growth during "
+        f"one iteration in a fresh process; time: {rounds} interleaved rounds"
     )
     print(
-        f"{'k':>3} {'policy':>13} {'peak MiB':>9} {'time s':>8} {'mem ratio':>9} {'time ratio':>10}"
+        f"{'k':>3} {'policy':>13} {'peak MiB':>9} {'mem ratio':>9} {'median s':>9} "
+        f"{'time ratio [IQR]':>22}"
     )
+    method = ""
     for steps in steps_list:
-        plain = run_child("plain", steps, args.device, args.threads, repeats)
-        rows = [
-            ("plain", plain),
-            ("checkpointed", run_child("checkpointed", steps, args.device, args.threads, repeats)),
-        ]
-        if steps >= 20:
-            rows.append(
-                ("truncated T=5", run_child("truncated", steps, args.device, args.threads, repeats))
-            )
-        for name, result in rows:
+        policies = [p for p in POLICIES if p != "truncated T=5" or steps >= 20]
+        peaks = {p: peak_in_child(p, steps, args) for p in policies}
+        method = str(peaks["plain"]["method"])
+        fns = {p: build(p, steps, args.device) for p in policies}
+        times = time_interleaved(fns, rounds, warmup=1, device=device)
+        plain_peak = float(peaks["plain"]["peak_bytes"])
+        for p in policies:
+            q1, med, q3 = paired_ratio(times[p], times["plain"])
+            seconds = sorted(times[p])[len(times[p]) // 2]
+            peak = float(peaks[p]["peak_bytes"])
             print(
-                f"{steps:>3} {name:>13} {result['peak_mib']:>9.1f} {result['seconds']:>8.3f} "
-                f"{result['peak_mib'] / max(plain['peak_mib'], 1e-9):>9.2f} "
-                f"{result['seconds'] / plain['seconds']:>10.2f}"
+                f"{steps:>3} {p:>13} {peak / MiB:>9.1f} {peak / plain_peak:>9.2f} "
+                f"{seconds:>9.3f} {med:>8.2f} [{q1:.2f}-{q3:.2f}]"
             )
+    print(f"memory method: {method}")
 
 
 if __name__ == "__main__":
