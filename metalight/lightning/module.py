@@ -109,7 +109,8 @@ class MetaLearningModule(L.LightningModule):
             "auto" (from the target dtype).
         nan_policy: what a NaN or Inf in an inner step does: "raise" (an error naming the
             task, step and parameter), "skip" (drop that task from the meta-batch with a
-            warning) or "off" (no check).
+            warning; under DDP the ranks agree on what was kept, at the cost of one small
+            all-reduce per step) or "off" (no check).
         vectorize_tasks: adapt all tasks of a meta-batch in one vectorised computation
             (:mod:`metalight.vectorized`; same meta-gradient). "auto" uses it where it was
             measured faster: models without convolutions (an MLP meta-step ran 2-11x faster
@@ -512,19 +513,26 @@ class MetaLearningModule(L.LightningModule):
         from metalight.vectorized import vectorized_task_losses
 
         meta_params = self.meta_parameters()
+        grads: list[Tensor | None] = []
         try:
             losses = vectorized_task_losses(self, batch)
         except NonFiniteError:
+            bad = True
+        else:
+            meta_loss = losses.mean()
+            grads = (
+                list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
+                if meta_loss.requires_grad
+                else [None] * len(meta_params)
+            )
+            bad = self.nan_policy != "off" and not _all_finite(grads)
+        if self.nan_policy == "skip":
+            # The loop agrees on the kept-task count with a collective; a rank that went
+            # the vectorised way would never join it, so every rank takes the same path.
+            bad = self._on_any_rank(bad)
+        if bad:
             # The loop names the task, step and weights (or drops the bad tasks): on this rare
             # path, run the batch again task by task.
-            return self._loop_training_step(batch, batch_idx)
-        meta_loss = losses.mean()
-        grads: list[Tensor | None] = (
-            list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
-            if meta_loss.requires_grad
-            else [None] * len(meta_params)
-        )
-        if self.nan_policy != "off" and not _all_finite(grads):
             return self._loop_training_step(batch, batch_idx)
         meta_loss = meta_loss.detach()
         self._log(
@@ -572,6 +580,13 @@ class MetaLearningModule(L.LightningModule):
             factor = total / kept
             accumulated = [g * factor if g is not None else None for g in accumulated]
         return self._surrogate(meta_params, accumulated, meta_loss)
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return flag
+        count = torch.tensor([float(flag)], device=self.device)
+        return bool(trainer.strategy.reduce(count, reduce_op="sum").item() > 0)
 
     def _global_counts(self, kept: int, n: int) -> tuple[int, int]:
         trainer = self._trainer

@@ -1,8 +1,9 @@
 """Runs tiny meta-learning jobs in real processes for the distributed tests.
 
 Launched by ``test_ddp.py`` as ``python tests/distributed/_ddp_run.py --out DIR --devices N
---strategy S --jobs JSON`` (or under ``torchrun``). Each job builds a fixed-seed MAML or ANIL
-module and a ``SinusoidDataModule``, fits for ``steps`` outer steps (optionally resuming from
+--strategy S --jobs JSON`` (or under ``torchrun``). Each job builds a fixed-seed MAML, ANIL
+or (``"algo": "skip"``) MAML with ``nan_policy="skip"`` and a NaN inner loss on some tasks,
+and a ``SinusoidDataModule``, fits for ``steps`` outer steps (optionally resuming from
 a checkpoint and/or saving one every ``ckpt_every`` steps), validates at every epoch end,
 optionally tests, and writes:
 
@@ -10,7 +11,8 @@ optionally tests, and writes:
   of every outer step, the validation metrics logged during fit, and the global steps at
   which fit started and ended;
 * ``DIR/<job>/result.pt`` from global rank 0: the initial and final meta-parameters and the
-  test metrics.
+  test metrics;
+* ``DIR/<job>/skipped<r>.txt`` from every rank of a ``skip`` job: its count of skipped tasks.
 
 A job ``{"fsdp": true}`` instead starts a fit with a real ``FSDPStrategy`` (subclass) and
 records the error our start-up check raises; it must come last (it leaves a process group).
@@ -41,6 +43,30 @@ BATCHES_PER_EPOCH = 3
 BUCKET_CAP_MB = 0.0003
 
 
+# Tasks whose support targets reach this magnitude get a NaN inner loss (job "skip").
+POISON = 3.5
+
+
+class PoisonedMAML(MAML):
+    """MAML with nan_policy="skip" whose inner loss is NaN on some tasks, chosen by content.
+
+    The choice depends only on the task, so a 2-process run poisons the same tasks as a
+    1-process run; ``skipped`` counts this process's skipped tasks.
+    """
+
+    skipped = 0
+
+    def inner_loss(self, output: torch.Tensor, target: torch.Tensor, task: Any) -> torch.Tensor:
+        loss = super().inner_loss(output, target, task)
+        # torch.where, not `if`: the task-vectorised step runs this under vmap.
+        poisoned = task.support_y.abs().amax() >= POISON
+        return torch.where(poisoned, torch.full_like(loss, float("nan")), loss)
+
+    def _warn_skipped(self, index: int, batch_idx: int, err: Exception) -> None:
+        type(self).skipped += 1
+        super()._warn_skipped(index, batch_idx, err)
+
+
 def make_module(algo: str) -> MetaLearningModule:
     torch.manual_seed(0)
     model = MLP(hidden=(16, 16))
@@ -50,6 +76,8 @@ def make_module(algo: str) -> MetaLearningModule:
         eval_inner_steps=3,
         outer_optim=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
     )
+    if algo == "skip":
+        return PoisonedMAML(model, nan_policy="skip", **kwargs)
     return ANIL(model, **kwargs) if algo == "anil" else MAML(model, **kwargs)
 
 
@@ -204,6 +232,9 @@ def run_job(job: dict[str, Any], devices: int, strategy: str, out: Path) -> None
             "global_step": trainer.global_step,
         }
         torch.save(result, out / "result.pt")
+    if job.get("algo") == "skip":
+        # Every rank's count of skipped tasks, so the test can check the global number.
+        (out / f"skipped{trainer.global_rank}.txt").write_text(str(PoisonedMAML.skipped))
 
 
 def run_fsdp_refusal(out: Path) -> None:

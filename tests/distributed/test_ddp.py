@@ -5,8 +5,9 @@ module and shared by the tests through module-scoped fixtures:
 
 * ``ddp_run``: 2 processes, ``DDPStrategy`` (Lightning re-launches the script): MAML (saving
   a checkpoint at step 4) and ANIL (default ``find_unused_parameters=False``), then test;
-* ``single_run``: 1 process: the same MAML and ANIL runs, a MAML run resumed from the 2-process
-  checkpoint, and a fit with a real FSDP strategy that must be refused;
+  and MAML with ``nan_policy="skip"`` on tasks whose inner loss is NaN;
+* ``single_run``: 1 process: the same MAML, ANIL and skipping runs, a MAML run resumed from
+  the 2-process checkpoint, and a fit with a real FSDP strategy that must be refused;
 * ``spawn_run``: 2 processes, ``ddp_spawn``: MAML;
 * ``torchrun_resume``: 2 processes under ``torchrun`` (Lightning's TorchElastic environment,
   as on a cluster): MAML resumed from the 1-process checkpoint.
@@ -43,6 +44,8 @@ CKPT_STEP = 4
 EPISODES = 8
 MAML_JOB = {"name": "maml", "algo": "maml", "steps": STEPS, "ckpt_every": CKPT_STEP, "test": True}
 ANIL_JOB = {"name": "anil", "algo": "anil", "steps": STEPS, "test": True}
+# MAML with nan_policy="skip" on tasks whose inner loss is NaN (chosen by task content).
+SKIP_JOB = {"name": "skip", "algo": "skip", "steps": STEPS}
 # Variables through which Lightning would detect a cluster (SLURM, torchrun, LSF, MPI,
 # Kubeflow) if the test itself runs inside one; the launched runs must not inherit them.
 _CLUSTER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "LSB_", "JSM_", "OMPI_", "PMI_", "PL_")
@@ -132,7 +135,7 @@ def assert_same_metrics(got: dict[str, float], want: dict[str, float]) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    return launch(out, [MAML_JOB, ANIL_JOB], devices=2, strategy="ddp")
+    return launch(out, [MAML_JOB, ANIL_JOB, SKIP_JOB], devices=2, strategy="ddp")
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,7 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, ddp_run: Path) -> Path:
     jobs = [
         MAML_JOB,
         ANIL_JOB,
+        SKIP_JOB,
         {"name": "resume", "algo": "maml", "steps": STEPS, "resume": str(ddp_ckpt)},
         {"name": "fsdp", "fsdp": True},  # last: it leaves a process group behind
     ]
@@ -278,6 +282,24 @@ def test_one_process_checkpoint_resumes_under_torchrun_ddp(
     assert_same_params(
         result(torchrun_resume, "resume")["params"], result(single_run, "maml")["params"]
     )
+
+
+def test_skipped_tasks_under_ddp_give_the_one_process_meta_parameters(
+    ddp_run: Path, single_run: Path
+) -> None:
+    def skipped(run: Path) -> int:
+        return sum(int(p.read_text()) for p in (run / "skip").glob("skipped*.txt"))
+
+    # Some tasks were skipped, the same number in both runs, and training went on.
+    assert len(list((ddp_run / "skip").glob("skipped*.txt"))) == 2
+    assert 0 < skipped(single_run) == skipped(ddp_run) < STEPS * 4
+    one, two = result(single_run, "skip"), result(ddp_run, "skip")
+    assert max_abs_diff(one["params"], one["initial"]) > 1e-3
+    # Each rank rescales its kept tasks by the global kept count, so DDP's average over
+    # ranks is the mean over all kept tasks, as in one process.
+    assert_same_params(two["params"], one["params"])
+    # And it is not the unskipped run's result.
+    assert max_abs_diff(one["params"], result(single_run, "maml")["params"]) > 1e-4
 
 
 def test_fsdp_is_refused_at_start_up(single_run: Path) -> None:
