@@ -206,25 +206,55 @@ class TaskDataModule(pl.LightningDataModule):
         return stream
 
     def state_dict(self) -> dict[str, Any]:
-        """The training stream position ``{"epoch", "next_batch"}`` (world-size independent).
+        """The training stream position ``{"epoch", "next_batch"}`` (world-size independent)
+        and, under ``"stream"``, the settings that define the stream (seed, meta-batch size,
+        batches per epoch), so that a resume with other settings is refused.
 
         Batches that Lightning has fetched ahead but not yet trained on are not counted, so a
         run resumed from a mid-epoch checkpoint sees exactly the batches it had not used.
         """
         if self._train_stream is None:
-            return dict(self._pending_state or {"epoch": 0, "next_batch": 0})
-        state = self._train_stream.state_dict()
-        fetcher = self._train_fetcher()
-        if fetcher is not None:
-            state["next_batch"] = max(0, state["next_batch"] - self._prefetched(fetcher))
-        elif (trained := self._trained_in_epoch()) is not None:
-            # After fit() returns the fetcher is gone, and with it the count of batches it
-            # had fetched ahead: the fit loop's own progress says what was trained.
-            state["next_batch"] = min(state["next_batch"], trained)
-        return state
+            state = dict(self._pending_state or {"epoch": 0, "next_batch": 0})
+        else:
+            state = self._train_stream.state_dict()
+            fetcher = self._train_fetcher()
+            if fetcher is not None:
+                state["next_batch"] = max(0, state["next_batch"] - self._prefetched(fetcher))
+            elif (trained := self._trained_in_epoch()) is not None:
+                # After fit() returns the fetcher is gone, and with it the count of batches
+                # it had fetched ahead: the fit loop's own progress says what was trained.
+                state["next_batch"] = min(state["next_batch"], trained)
+        return {**state, "stream": self._stream_settings()}
+
+    def _stream_settings(self) -> dict[str, int]:
+        return {
+            "seed": self.seed,
+            "meta_batch_size": self.meta_batch_size,
+            "train_batches_per_epoch": self.train_batches_per_epoch,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the training stream position; applied when the stream is (re)built."""
+        """Restores the training stream position; applied when the stream is (re)built.
+
+        Raises:
+            ValueError: the checkpoint's stream was made with another seed, meta-batch size
+                or number of batches per epoch (the resumed run would silently train on
+                other tasks than an uninterrupted one).
+        """
+        saved = state_dict.get("stream")
+        if isinstance(saved, dict):
+            current = self._stream_settings()
+            changed = [k for k in current if k in saved and int(saved[k]) != current[k]]
+            if changed:
+                then = ", ".join(f"{k}={saved[k]}" for k in changed)
+                now = ", ".join(f"{k}={current[k]}" for k in changed)
+                raise ValueError(
+                    f"the checkpoint's training tasks were drawn with {then}, this run has "
+                    f"{now}: resuming would not continue the same stream of tasks. Resume with "
+                    f"the checkpoint's values (on the command line: seed=..., "
+                    f"data.meta_batch_size=..., data.train_batches_per_epoch=...), or start a "
+                    f"new run (without ckpt_path)"
+                )
         state = {"epoch": int(state_dict["epoch"]), "next_batch": int(state_dict["next_batch"])}
         if self._train_stream is not None:
             self._train_stream.load_state_dict(state)

@@ -121,13 +121,17 @@ def test_episodic_datamodule_ranks_seeds_and_state(omniglot: Omniglot) -> None:
     iterator = iter(loader)
     first = [next(iterator), next(iterator)]
     state = dm.state_dict()
-    assert state == {"epoch": 0, "next_batch": 2}
+    stream = {"seed": 0, "meta_batch_size": 4, "train_batches_per_epoch": 3}
+    assert state == {"epoch": 0, "next_batch": 2, "stream": stream}
     resumed = build()
     resumed.load_state_dict(state)
     rest = list(resumed.train_dataloader())
     assert len(rest) == 1 and torch.equal(rest[0].info, full_train[2].info)
     assert torch.equal(first[1].info, full_train[1].info)
-    assert resumed.state_dict() == {"epoch": 0, "next_batch": 3}
+    assert resumed.state_dict() == {"epoch": 0, "next_batch": 3, "stream": stream}
+    # A stream of another seed is not resumed from this one's position.
+    with pytest.raises(ValueError, match="drawn with seed=0, this run has seed=1"):
+        build(seed=1).load_state_dict(state)
 
 
 def test_world_size_must_divide_meta_batch(omniglot: Omniglot) -> None:

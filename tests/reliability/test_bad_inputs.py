@@ -615,11 +615,22 @@ CASES = [
         r"missing keys \['inner_lrs\.0', 'inner_lrs\.1'",
     ),
     Case(
-        "checkpoint-stream-position-beyond-the-epoch",
+        "checkpoint-of-another-task-stream",
         lambda ctx: resume(ctx.checkpoint, MAML(MLP(hidden=(8,)), inner_steps=1), batches=2),
         ValueError,
-        r"invalid stream position \{'epoch': 0, 'next_batch': \d\}: need epoch >= 0 and "
-        r"0 <= next_batch <= num_batches=2",
+        r"the checkpoint's training tasks were drawn with train_batches_per_epoch=5, this run "
+        r"has train_batches_per_epoch=2: resuming would not continue the same stream of tasks\. "
+        r"Resume with the checkpoint's values",
+    ),
+    Case(
+        "checkpoint-of-another-seed",
+        lambda ctx: trainer(max_steps=4).fit(
+            MAML(MLP(hidden=(8,)), inner_steps=1),
+            datamodule=SinusoidDataModule(meta_batch_size=2, train_batches_per_epoch=5, seed=3),
+            ckpt_path=ctx.checkpoint,
+        ),
+        ValueError,
+        r"drawn with seed=0, this run has seed=3",
     ),
     Case(
         "checkpoint-missing",

@@ -95,4 +95,8 @@ def test_checkpoint_saved_after_fit_records_the_trained_position() -> None:
     t: L.Trainer = trainer(max_steps=3)
     t.fit(module, datamodule=data)
     assert t.global_step == 3
-    assert data.state_dict() == {"epoch": 0, "next_batch": 3}
+    assert data.state_dict() == {
+        "epoch": 0,
+        "next_batch": 3,
+        "stream": {"seed": 0, "meta_batch_size": 2, "train_batches_per_epoch": 5},
+    }

@@ -51,7 +51,9 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(
     killed_train, killed_val = victim.progress()
     assert saved_step == 20 and max(killed_train) == 22
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["epoch=1-step=20.ckpt", "last.ckpt"]
-    assert position == {"epoch": 1, "next_batch": 20 - BATCHES_PER_EPOCH}  # mid-epoch
+    # Mid-epoch, and the stream's settings, which a resume must match.
+    assert position["epoch"] == 1 and position["next_batch"] == 20 - BATCHES_PER_EPOCH
+    assert position["stream"]["train_batches_per_epoch"] == BATCHES_PER_EPOCH
 
     resumed = Run(tmp_path, ["--resume"], "resumed.txt").start()
     got = resumed.result()
