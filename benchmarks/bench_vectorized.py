@@ -16,7 +16,8 @@ meta-batch 4 and 32:
 
 Variants, run interleaved (every round runs each once, in alternating order):
 
-* ``loop`` (the baseline): ``MetaLearningModule.training_step`` + backward of its surrogate,
+* ``loop`` (the baseline): ``MetaLearningModule.training_step`` with ``vectorize_tasks=False``
+  + backward of its surrogate,
   as Lightning runs it (one task after the other);
 * ``vectorized``: ``metalight.vectorized.vectorized_meta_loss`` + backward (all tasks at
   once under ``torch.func.vmap``).
@@ -81,8 +82,13 @@ def conv4_case(tasks: int, steps: int, device: torch.device, rounds: int) -> Cas
         torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous(),
         torch.arange(ways).expand(tasks, -1).contiguous(),
     )
+    # vectorize_tasks=False: training_step must be the per-task loop (the baseline), which
+    # "auto" would replace by the vectorised step for models without convolutions.
     module = MetaLearningModule(
-        model, inner_optim=functools.partial(torch.optim.SGD, lr=0.4), inner_steps=steps
+        model,
+        inner_optim=functools.partial(torch.optim.SGD, lr=0.4),
+        inner_steps=steps,
+        vectorize_tasks=False,
     )
     name = f"conv4 {ways}w{shots}s{queries}q x{tasks} {steps} step"
     return Case(name, module.to(device), batch.to(device), rounds)
@@ -105,7 +111,10 @@ def mlp_case(tasks: int, steps: int, device: torch.device, rounds: int) -> Case:
         torch.cat([amplitude, phase], dim=-1).squeeze(1),
     )
     module = MetaLearningModule(
-        MLP(), inner_optim=functools.partial(torch.optim.SGD, lr=0.01), inner_steps=steps
+        MLP(),
+        inner_optim=functools.partial(torch.optim.SGD, lr=0.01),
+        inner_steps=steps,
+        vectorize_tasks=False,
     )
     name = f"mlp {points}pt x{tasks} {steps} step"
     return Case(name, module.to(device), batch.to(device), rounds)

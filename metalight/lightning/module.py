@@ -114,7 +114,7 @@ class MetaLearningModule(L.LightningModule):
         vectorize_tasks: adapt all tasks of a meta-batch in one vectorised computation
             (:mod:`metalight.vectorized`; same meta-gradient). "auto" uses it where it was
             measured faster: models without convolutions (an MLP meta-step ran 2-11x faster
-            on 2 CPU cores; Conv-4 ran 1.6-2.2x slower, and the loop keeps memory flat in the
+            on 2 CPU cores; Conv-4 ran 1.6-2.6x slower, and the loop keeps memory flat in the
             meta-batch), and only for the algorithms it supports.
 
     Example:
