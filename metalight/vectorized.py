@@ -28,7 +28,8 @@ Supported: :class:`MetaLearningModule` with its default unroll (MAML, FOMAML, Me
 learnable per-step rates and multi-step loss, truncated unrolls), any built-in inner optimizer
 (SGD, Adam, ...: their pure updates are element-wise, so a task dimension passes through), and
 any model whose forward ``vmap`` can batch. Refused with a ``ValueError``: subclasses that
-override ``adapt``, ``unroll`` or ``task_meta_gradient`` (ANIL, Reptile, iMAML), custom
+override ``adapt``, ``unroll`` or ``task_meta_gradient`` (Reptile, iMAML; ANIL is supported:
+its head-only adaptation is the default unroll with ``adapt=[head]``), custom
 differentiable optimizers without a pure core, gradient callbacks, ``checkpoint_unroll`` and
 ``SyncBatchNorm`` in training mode.
 
@@ -85,19 +86,23 @@ def check_vectorizable(module: MetaLearningModule) -> None:
             training mode.
 
     Example:
-        >>> from metalight.algorithms import ANIL, MAML
+        >>> from metalight.algorithms import ANIL, MAML, Reptile
         >>> from metalight.models import MLP
         >>> check_vectorizable(MAML(MLP()))
         >>> check_vectorizable(ANIL(MLP()))
+        >>> check_vectorizable(Reptile(MLP()))
         Traceback (most recent call last):
         ...
-        ValueError: ANIL overrides adapt(): task-vectorised adaptation re-implements ...
+        ValueError: Reptile overrides task_meta_gradient(): task-vectorised adaptation ...
     """
     from metalight.lightning.module import MetaLearningModule
 
     cls = type(module)
+    # Hooks a subclass overrides while declaring that the vectorised step computes the same
+    # meta-gradient (ANIL's adapt runs the body once; the vectorised step runs it per step).
+    exempt = getattr(cls, "_vectorizes_as_default", ())
     for hook in _LOOP_HOOKS:
-        if getattr(cls, hook) is not getattr(MetaLearningModule, hook):
+        if hook not in exempt and getattr(cls, hook) is not getattr(MetaLearningModule, hook):
             raise ValueError(
                 f"{cls.__name__} overrides {hook}(): task-vectorised adaptation re-implements "
                 "MetaLearningModule's default inner loop only, so it would not compute this "
@@ -205,13 +210,18 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
     for i in adapted:
         params[i] = params[i].expand(tasks, *params[i].shape)
     fixed = _running_stat_overrides(model)
+    forward = getattr(module, "_vectorized_forward", None)
+    if forward is None:
+
+        def forward(values: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(model, values, (x,))
 
     def run(loss_of: Callable[[Tensor, Task], Tensor], query: bool) -> Callable[..., Tensor]:
         def per_task(
             batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
         ) -> Tensor:
             task = Task(sx, sy, qx, qy, info)
-            output = functional_call(model, {**batched, **fixed}, (qx if query else sx,))
+            output = forward({**batched, **fixed}, qx if query else sx)
             return loss_of(output, task)
 
         return vmap(per_task, randomness="different")

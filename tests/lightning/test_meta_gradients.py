@@ -185,16 +185,22 @@ def test_multi_step_loss(vectorize: bool) -> None:
         torch.testing.assert_close(got, w)
 
 
-def test_anil_adapts_head_only_and_runs_body_once() -> None:
+def test_anil_adapts_head_only_and_runs_body_once(vectorize: bool) -> None:
     torch.manual_seed(4)
     model = Net().double()
-    module = ANIL(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=3)
+    module = ANIL(
+        copy.deepcopy(model), vectorize_tasks=vectorize, inner_optim=sgd(0.1), inner_steps=3
+    )
     calls = []
     module.model.features.register_forward_hook(lambda *args: calls.append(1))
     batch = regression_batch(seed=4)
     got = module_grads(module, batch)
-    # Body once on support and once on query per task, whatever the number of steps.
-    assert len(calls) == 2 * len(batch)
+    if vectorize:
+        # One vmap-ed call per inner step and one for the query, for all tasks at once.
+        assert len(calls) == 3 + 1
+    else:
+        # Body once on support and once on query per task, whatever the number of steps.
+        assert len(calls) == 2 * len(batch)
     body, head = model.features, model.head
     head_names = [n for n, _ in head.named_parameters()]
     init = list(model.parameters())
