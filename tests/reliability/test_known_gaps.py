@@ -18,6 +18,7 @@ from torch import nn
 from metalight.algorithms import MAML
 from metalight.data import SinusoidDataModule, Task, TaskBatch
 from metalight.lightning import NonFiniteError
+from metalight.lightning.module import _all_finite
 from metalight.models import MLP
 from tests.reliability.test_bad_inputs import SignSGD, resume, trainer
 
@@ -100,3 +101,11 @@ def test_checkpoint_saved_after_fit_records_the_trained_position() -> None:
         "next_batch": 3,
         "stream": {"seed": 0, "meta_batch_size": 2, "train_batches_per_epoch": 5},
     }
+
+
+def test_finite_check_raises_no_false_alarm_near_the_dtype_maximum() -> None:
+    # Summing entries to check them all at once turned 1000 finite values of 3e38 into Inf.
+    big = torch.full((1000,), 3e38)
+    assert _all_finite([big, None, torch.zeros(0)])
+    assert not _all_finite([big, torch.tensor([1.0, float("nan")])])
+    assert not _all_finite([torch.tensor([float("-inf")], dtype=torch.float64)])
