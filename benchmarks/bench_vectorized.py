@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import math
 import os
 import statistics
 import sys
@@ -53,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import _common  # noqa: E402  (this folder is sys.path[0] when the script runs)
+
 from metalight.data import TaskBatch  # noqa: E402
 from metalight.lightning import MetaLearningModule  # noqa: E402
-from metalight.models import MLP, Conv4  # noqa: E402
 from metalight.vectorized import vectorized_meta_loss  # noqa: E402
 
 
@@ -69,55 +69,21 @@ class Case:
     rounds: int
 
 
-def conv4_case(tasks: int, steps: int, device: torch.device, rounds: int) -> Case:
-    """Conv-4 on 1x28x28, 5-way 1-shot, 15 queries per class."""
-    ways, shots, queries = 5, 1, 15
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = Conv4(in_channels=1, out_features=ways, hidden=64, image_size=28)
-    batch = TaskBatch(
-        torch.randn(tasks, ways * shots, 1, 28, 28, generator=g),
-        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
-        torch.randn(tasks, ways * queries, 1, 28, 28, generator=g),
-        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous(),
-        torch.arange(ways).expand(tasks, -1).contiguous(),
-    )
-    # vectorize_tasks=False: training_step must be the per-task loop (the baseline), which
-    # "auto" would replace by the vectorised step for models without convolutions.
-    module = MetaLearningModule(
-        model,
-        inner_optim=functools.partial(torch.optim.SGD, lr=0.4),
-        inner_steps=steps,
-        vectorize_tasks=False,
-    )
-    name = f"conv4 {ways}w{shots}s{queries}q x{tasks} {steps} step"
-    return Case(name, module.to(device), batch.to(device), rounds)
+def build_case(model: str, tasks: int, steps: int, device: torch.device, rounds: int) -> Case:
+    """The shared workload (``_common``: MAML's Omniglot or sinusoid setting) in a module.
 
-
-def mlp_case(tasks: int, steps: int, device: torch.device, rounds: int) -> Case:
-    """The 1-40-40-1 MLP on sinusoid tasks of 10 support and 10 query points."""
-    points = 10
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    amplitude = torch.empty(tasks, 1, 1).uniform_(0.1, 5.0, generator=g)
-    phase = torch.empty(tasks, 1, 1).uniform_(0.0, math.pi, generator=g)
-    sx = torch.empty(tasks, points, 1).uniform_(-5.0, 5.0, generator=g)
-    qx = torch.empty(tasks, points, 1).uniform_(-5.0, 5.0, generator=g)
-    batch = TaskBatch(
-        sx,
-        amplitude * torch.sin(sx - phase),
-        qx,
-        amplitude * torch.sin(qx - phase),
-        torch.cat([amplitude, phase], dim=-1).squeeze(1),
-    )
-    module = MetaLearningModule(
-        MLP(),
-        inner_optim=functools.partial(torch.optim.SGD, lr=0.01),
-        inner_steps=steps,
-        vectorize_tasks=False,
-    )
-    name = f"mlp {points}pt x{tasks} {steps} step"
-    return Case(name, module.to(device), batch.to(device), rounds)
+    ``vectorize_tasks=False``: ``training_step`` must be the per-task loop (the baseline),
+    which "auto" would replace by the vectorised step for models without convolutions.
+    """
+    if model == "conv4":
+        workload = _common.conv4_case(tasks=tasks, steps=steps, device=device)
+        name = f"conv4 5w1s15q x{tasks} {steps} step"
+    else:
+        workload = _common.mlp_case(tasks=tasks, steps=steps, device=device)
+        name = f"mlp 10pt x{tasks} {steps} step"
+    module = _common.make_module(workload, vectorize=False)
+    assert isinstance(module, MetaLearningModule)
+    return Case(name, module, workload.batch, rounds)
 
 
 def sync(device: torch.device) -> None:
@@ -249,11 +215,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for tasks in (4, 32):
         for steps in (1, 5):
             if args.only in (None, "conv4"):
-                builders.append(functools.partial(conv4_case, tasks, steps, device, conv_rounds))
+                builders.append(
+                    functools.partial(build_case, "conv4", tasks, steps, device, conv_rounds)
+                )
     for tasks in (4, 32):
         for steps in (1, 5):
             if args.only in (None, "mlp"):
-                builders.append(functools.partial(mlp_case, tasks, steps, device, mlp_rounds))
+                builders.append(
+                    functools.partial(build_case, "mlp", tasks, steps, device, mlp_rounds)
+                )
 
     print(describe_machine(device))
     header = (
