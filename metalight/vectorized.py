@@ -98,11 +98,18 @@ def check_vectorizable(module: MetaLearningModule) -> None:
     from metalight.lightning.module import MetaLearningModule
 
     cls = type(module)
-    # Hooks a subclass overrides while declaring that the vectorised step computes the same
-    # meta-gradient (ANIL's adapt runs the body once; the vectorised step runs it per step).
-    exempt = getattr(cls, "_vectorizes_as_default", ())
+    # A class may declare hooks it overrides whose result the vectorised step reproduces
+    # (ANIL's adapt runs the body once; the vectorised step runs it per step). The exemption
+    # holds for that class's own implementation only, not for a subclass that overrides again.
+    declarer = next((c for c in cls.__mro__ if "_vectorizes_as_default" in vars(c)), None)
+    exempt = {
+        hook: getattr(declarer, hook) for hook in getattr(declarer, "_vectorizes_as_default", ())
+    }
     for hook in _LOOP_HOOKS:
-        if hook not in exempt and getattr(cls, hook) is not getattr(MetaLearningModule, hook):
+        implementation = getattr(cls, hook)
+        if implementation is exempt.get(hook):
+            continue
+        if implementation is not getattr(MetaLearningModule, hook):
             raise ValueError(
                 f"{cls.__name__} overrides {hook}(): task-vectorised adaptation re-implements "
                 "MetaLearningModule's default inner loop only, so it would not compute this "

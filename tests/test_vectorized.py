@@ -252,6 +252,17 @@ def test_refuses_algorithms_with_their_own_unroll(
         vectorized_meta_loss(module, sine_batch())
 
 
+def test_anils_exemption_does_not_cover_a_subclass_with_its_own_adapt() -> None:
+    class MyANIL(ANIL):
+        def adapt(self, *args: Any, **kwargs: Any) -> Any:
+            return super().adapt(*args, **kwargs)
+
+    check_vectorizable(ANIL(mlp()))
+    with pytest.raises(ValueError, match=r"MyANIL overrides adapt\(\)"):
+        check_vectorizable(MyANIL(mlp()))
+    assert not MyANIL(mlp())._use_vectorized()
+
+
 def test_refuses_checkpointed_unrolls() -> None:
     module = MetaLearningModule(mlp(), checkpoint_unroll=True)
     with pytest.raises(ValueError, match="checkpoint_unroll"):
