@@ -118,6 +118,21 @@ def test_train_resumes_from_a_checkpoint_into_a_new_run_directory(
     assert results["steps"] == 5 and results["resumed_from"] == str(ckpt)
 
 
+def test_resuming_with_another_seed_is_refused_in_one_line(
+    trained: tuple[Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    argv = ["train", "+recipe=maml", *TINY, "trainer.max_steps=5", "seed=7", f"ckpt_path={ckpt}"]
+    assert _main_in(tmp_path, monkeypatch, argv) == 2
+    err = capsys.readouterr().err
+    assert "drawn with seed=0, this run has seed=7" in err
+    assert "Traceback" not in err
+
+
 def test_the_command_never_reuses_a_run_directory(
     trained: tuple[Path, str],
     tmp_path: Path,
