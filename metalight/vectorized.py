@@ -28,8 +28,10 @@ Supported: :class:`MetaLearningModule` with its default unroll (MAML, FOMAML, Me
 learnable per-step rates and multi-step loss, truncated unrolls), any built-in inner optimizer
 (SGD, Adam, ...: their pure updates are element-wise, so a task dimension passes through), and
 any model whose forward ``vmap`` can batch. Refused with a ``ValueError``: subclasses that
-override ``adapt``, ``unroll`` or ``task_meta_gradient`` (Reptile, iMAML; ANIL is supported:
-its head-only adaptation is the default unroll with ``adapt=[head]``), custom
+override ``adapt``, ``unroll`` or ``task_meta_gradient`` (iMAML; ANIL and Reptile declare
+that the vectorised step reproduces theirs: ANIL's head-only adaptation is the default
+unroll with ``adapt=[head]``, and Reptile's meta-gradient is taken from all tasks' adapted
+weights at once), custom
 differentiable optimizers without a pure core, gradient callbacks, ``checkpoint_unroll`` and
 ``SyncBatchNorm`` in training mode.
 
@@ -86,14 +88,14 @@ def check_vectorizable(module: MetaLearningModule) -> None:
             training mode.
 
     Example:
-        >>> from metalight.algorithms import ANIL, MAML, Reptile
+        >>> from metalight.algorithms import ANIL, IMAML, MAML
         >>> from metalight.models import MLP
         >>> check_vectorizable(MAML(MLP()))
         >>> check_vectorizable(ANIL(MLP()))
-        >>> check_vectorizable(Reptile(MLP()))
+        >>> check_vectorizable(IMAML(MLP()))
         Traceback (most recent call last):
         ...
-        ValueError: Reptile overrides task_meta_gradient(): task-vectorised adaptation ...
+        ValueError: IMAML overrides task_meta_gradient(): task-vectorised adaptation ...
     """
     from metalight.lightning.module import MetaLearningModule
 
@@ -183,7 +185,8 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
 
     Raises:
         ValueError: for what cannot be vectorised exactly (see :func:`check_vectorizable`,
-            and custom inner optimizers or gradient callbacks).
+            and custom inner optimizers or gradient callbacks), and for algorithms whose
+            meta-gradient is not the gradient of these losses (Reptile).
         NonFiniteError: a NaN or Inf in an inner or query loss, naming the tasks and the
             step (unless ``module.nan_policy == "off"``). With ``nan_policy="skip"`` it is
             raised too: dropping tasks needs the per-task loop.
@@ -198,6 +201,30 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
         >>> x = torch.randn(3, 10, 1)
         >>> vectorized_task_losses(module, TaskBatch(x, x, x, x, torch.zeros(3, 2))).shape
         torch.Size([3])
+    """
+    if type(module)._vectorized_meta_gradient is not _default_meta_gradient():
+        raise ValueError(
+            f"{type(module).__name__}'s meta-gradient is not the gradient of its query losses "
+            "(it defines its own vectorised meta-gradient): use its training_step"
+        )
+    return _vectorized_unroll(module, batch, graph=True)[0]
+
+
+def _default_meta_gradient() -> Callable[..., object]:
+    from metalight.lightning.module import MetaLearningModule
+
+    return MetaLearningModule._vectorized_meta_gradient
+
+
+def _vectorized_unroll(
+    module: MetaLearningModule, batch: TaskBatch, *, graph: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """Each task's query loss and the final fast weights, all tasks at once.
+
+    ``graph=True``: the losses are differentiable w.r.t. the meta-parameters (per the unroll
+    policy). ``graph=False``: plain gradient steps with no graph kept (Reptile's adaptation);
+    the losses and weights are detached. The fast weights come in ``named_parameters()``
+    order: adapted ones with a leading task dimension, the others the parameters themselves.
     """
     check_vectorizable(module)
     model = module.model
@@ -215,7 +242,8 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
     # shared (unbatched under vmap).
     params: list[Tensor] = [p for _, p in named]
     for i in adapted:
-        params[i] = params[i].expand(tasks, *params[i].shape)
+        start = params[i] if graph else params[i].detach()
+        params[i] = start.expand(tasks, *params[i].shape)
     fixed = _running_stat_overrides(model)
     forward = getattr(module, "_vectorized_forward", None)
     if forward is None:
@@ -255,9 +283,12 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
         override = module.inner_override(step)
         if override is not None:
             diffopt._apply_override(override)
+        if not graph:
+            for i in adapted:
+                params[i] = params[i].detach().requires_grad_()
         losses = support_losses(batched(params), *fields)
         guard(losses, f"inner loss at inner step {step}")
-        first_order = module.policy.first_order_at(step, steps)
+        first_order = not graph or module.policy.first_order_at(step, steps)
         found = torch.autograd.grad(
             losses.sum(),
             [params[i] for i in adapted],
@@ -267,14 +298,18 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
         grads: list[Tensor | None] = [None] * len(params)
         for i, g in zip(adapted, found, strict=True):
             grads[i] = g
-        params, states = diffopt.update_groups(grads, params, states, diffopt.hyperparameters())
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            params, states = diffopt.update_groups(grads, params, states, diffopt.hyperparameters())
         if module.multi_step_loss and step + 1 < steps:
             step_losses.append(query_losses(batched(params), *fields))
-    final = query_losses(batched(params), *fields)
+    with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+        final = query_losses(batched(params), *fields)
     guard(final, f"query loss after {steps} inner steps")
     if step_losses:
-        return torch.stack([*step_losses, final]).mean(0)
-    return final
+        final = torch.stack([*step_losses, final]).mean(0)
+    if not graph:
+        params = [p.detach() for p in params]
+    return final, params
 
 
 def vectorized_meta_loss(module: MetaLearningModule, batch: TaskBatch) -> Tensor:

@@ -516,22 +516,35 @@ class MetaLearningModule(L.LightningModule):
             return False
         return True
 
-    def _vectorized_training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+    def _vectorized_meta_gradient(
+        self, batch: TaskBatch, meta_params: list[nn.Parameter]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Each task's query loss and the meta-gradient of their mean, all tasks at once.
+
+        What :meth:`task_meta_gradient` gives task by task, summed over the meta-batch with
+        scale ``1 / len(batch)``. Algorithms whose meta-gradient is not the gradient of the
+        query loss (Reptile) override both.
+        """
         from metalight.vectorized import vectorized_task_losses
 
+        losses = vectorized_task_losses(self, batch)
+        meta_loss = losses.mean()
+        grads: list[Tensor | None] = (
+            list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
+            if meta_loss.requires_grad
+            else [None] * len(meta_params)
+        )
+        return losses, grads
+
+    def _vectorized_training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         meta_params = self.meta_parameters()
         grads: list[Tensor | None] = []
         try:
-            losses = vectorized_task_losses(self, batch)
+            losses, grads = self._vectorized_meta_gradient(batch, meta_params)
         except NonFiniteError:
             bad = True
         else:
             meta_loss = losses.mean()
-            grads = (
-                list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
-                if meta_loss.requires_grad
-                else [None] * len(meta_params)
-            )
             bad = self.nan_policy != "off" and not _all_finite(grads)
         if self.nan_policy == "skip":
             # The loop agrees on the kept-task count with a collective; a rank that went

@@ -245,10 +245,13 @@ def test_meta_sgd_learns_per_parameter_rates(vectorize: bool) -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_reptile_meta_gradient_is_weight_difference() -> None:
+def test_reptile_meta_gradient_is_weight_difference(vectorize: bool) -> None:
     torch.manual_seed(6)
     model = Net().double()
-    module = Reptile(copy.deepcopy(model), inner_optim=sgd(0.1), inner_steps=4)
+    module = Reptile(
+        copy.deepcopy(model), vectorize_tasks=vectorize, inner_optim=sgd(0.1), inner_steps=4
+    )
+    assert module._use_vectorized() is vectorize
     batch = regression_batch(seed=6)
     got = module_grads(module, batch)
     total = [torch.zeros_like(p) for p in model.parameters()]
