@@ -8,7 +8,8 @@ Run from the repository root::
 
 Times ``training_step`` + backward of a second-order MAML module with ``nan_policy="raise"``
 (the default: finiteness checks of the inner losses, the query loss, the fast weights and
-the task's meta-gradient, each a host sync), ``"skip"`` (the same checks) and ``"off"``,
+the task's meta-gradient; the per-task loop reads a task's checks back with one host sync,
+the vectorised step syncs per check), ``"skip"`` (the same checks) and ``"off"``,
 interleaved round by round, on the MLP (25 sinusoid tasks of 10 points, 1 and 10 inner
 steps) and on Conv-4 (4 tasks, 5-way 1-shot, 15 queries, 5 inner steps). Ratios are medians
 of per-round ratios against ``"off"`` with their interquartile range. Where the module's

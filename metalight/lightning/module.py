@@ -65,17 +65,33 @@ def _zero_loss(params: Sequence[Tensor]) -> Tensor:
     return torch.zeros((), device=params[0].device) if params else torch.zeros(())
 
 
-def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
-    """One host sync for many tensors: the largest magnitude is finite only if every entry is.
+def _peak(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    """The largest magnitude over many tensors (no host sync), or None for none.
 
-    Not a sum: finite entries near the dtype's maximum add up to Inf (a false alarm).
+    It is finite only if every entry is; a sum would not do: finite entries near the
+    dtype's maximum add up to Inf (a false alarm).
     """
-    peaks = [
-        torch.linalg.vector_norm(t, float("inf")).float()
-        for t in tensors
-        if t is not None and t.numel()
-    ]
-    return not peaks or bool(torch.isfinite(torch.stack(peaks).amax()))
+    present = [t for t in tensors if t is not None and t.numel()]
+    if not present:
+        return None
+    with torch.no_grad():
+        try:
+            norms = list(torch._foreach_norm(present, float("inf")))
+        except RuntimeError:  # tensors on several devices
+            norms = [torch.linalg.vector_norm(t, float("inf")) for t in present]
+        if len({n.dtype for n in norms}) > 1 or len({n.device for n in norms}) > 1:
+            norms = [n.float().to(norms[0].device) for n in norms]
+        return torch.stack(norms).amax()
+
+
+def _raise_nonfinite_meta_gradient() -> None:
+    raise NonFiniteError("non-finite meta-gradient")
+
+
+def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one host sync."""
+    peak = _peak(tensors)
+    return peak is None or math.isfinite(peak.item())
 
 
 class MetaLearningModule(L.LightningModule):
@@ -178,6 +194,8 @@ class MetaLearningModule(L.LightningModule):
         self.multi_step_loss = multi_step_loss
         self.task_type = task_type
         self.nan_policy = nan_policy
+        # NaN/Inf checks waiting for the end of a task (see _expect_finite); None: check now.
+        self._deferred_checks: list[tuple[list[Tensor | None], Callable[[], None]]] | None = None
         self._inner_optim_factory = inner_optim or _default_inner_optim
         self._outer_optim_factory = outer_optim or _default_outer_optim
         self._scheduler_factory = scheduler
@@ -380,9 +398,15 @@ class MetaLearningModule(L.LightningModule):
         check = self.nan_policy != "off"
 
         def guard(loss: Tensor, step: int) -> None:
-            if check and not bool(torch.isfinite(loss).all()):
-                weights = zip(names, fmodel.fast_params or [], strict=True)
+            if not check:
+                return
+            # The weights the loss was computed from, for the message.
+            weights = list(zip(names, fmodel.fast_params or [], strict=True))
+
+            def fail() -> None:
                 raise NonFiniteError(self._describe_nonfinite(loss, step, weights))
+
+            self._expect_finite([loss], fail)
 
         run_unroll(
             fmodel,
@@ -398,17 +422,37 @@ class MetaLearningModule(L.LightningModule):
         if check and steps:
             self._check_final_weights(names, fmodel.fast_params or [], steps)
 
-    @staticmethod
-    def _check_final_weights(names: list[str], params: list[Tensor], steps: int) -> None:
+    def _check_final_weights(self, names: list[str], params: list[Tensor], steps: int) -> None:
         # Earlier steps are covered by the next step's loss check; the last one is not.
-        if _all_finite(params):
+        def fail() -> None:
+            bad = [n for n, p in zip(names, params, strict=True) if not _all_finite([p])]
+            raise NonFiniteError(
+                f"non-finite fast weights in {', '.join(repr(n) for n in bad)} after inner step "
+                f"{steps - 1} (an infinite gradient or a too large inner learning rate; lower "
+                "the rate or clip gradients with grad_callback)"
+            )
+
+        self._expect_finite(params, fail)
+
+    def _expect_finite(self, tensors: Sequence[Tensor | None], fail: Callable[[], None]) -> None:
+        """Call ``fail`` (which raises) unless every entry of ``tensors`` is finite.
+
+        Inside the per-task training loop the check waits for the end of the task, where
+        all of its checks cost one host sync together (:meth:`_run_deferred_checks`).
+        """
+        if self._deferred_checks is not None:
+            self._deferred_checks.append((list(tensors), fail))
+        elif not _all_finite(tensors):
+            fail()
+
+    def _run_deferred_checks(self) -> None:
+        """One host sync for the task's waiting checks; on a failure, the first one raises."""
+        pending, self._deferred_checks = self._deferred_checks, None
+        if not pending or _all_finite([t for tensors, _ in pending for t in tensors]):
             return
-        bad = [n for n, p in zip(names, params, strict=True) if not bool(torch.isfinite(p).all())]
-        raise NonFiniteError(
-            f"non-finite fast weights in {', '.join(repr(n) for n in bad)} after inner step "
-            f"{steps - 1} (an infinite gradient or a too large inner learning rate; lower the "
-            "rate or clip gradients with grad_callback)"
-        )
+        for tensors, fail in pending:
+            if not _all_finite(tensors):
+                fail()
 
     @staticmethod
     def _describe_nonfinite(
@@ -451,8 +495,15 @@ class MetaLearningModule(L.LightningModule):
             task, steps, create_graph=True, on_step=per_step if self.multi_step_loss else None
         )
         loss = self.outer_loss(adaptation.predict(task.query_x), task.query_y, task)
-        if self.nan_policy != "off" and not bool(torch.isfinite(loss.detach())):
-            raise NonFiniteError(f"non-finite query loss {loss.item()} after {steps} inner steps")
+        if self.nan_policy != "off":
+            query = loss.detach()
+
+            def fail() -> None:
+                raise NonFiniteError(
+                    f"non-finite query loss {query.item()} after {steps} inner steps"
+                )
+
+            self._expect_finite([query], fail)
         if step_losses:
             loss = torch.stack([*step_losses, loss]).mean()
         if not loss.requires_grad:
@@ -565,21 +616,25 @@ class MetaLearningModule(L.LightningModule):
         accumulated: list[Tensor | None] = [None] * len(meta_params)
         losses = []
         n = len(batch)
+        check = self.nan_policy != "off"
         for index in range(n):
             task = batch[index]
+            # The task's NaN/Inf checks (each inner loss, the final weights, the query loss,
+            # the meta-gradient) wait for its end and cost one host sync together; the first
+            # one that fails raises as it would have at its place.
+            self._deferred_checks = [] if check else None
             try:
                 loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
+                if check:
+                    self._expect_finite(grads, _raise_nonfinite_meta_gradient)
+                self._run_deferred_checks()
             except NonFiniteError as err:
                 if self.nan_policy != "skip":
                     raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}") from err
                 self._warn_skipped(index, batch_idx, err)
                 continue
-            if self.nan_policy != "off" and not _all_finite(grads):
-                err = NonFiniteError("non-finite meta-gradient")
-                if self.nan_policy == "raise":
-                    raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}")
-                self._warn_skipped(index, batch_idx, err)
-                continue
+            finally:
+                self._deferred_checks = None
             losses.append(loss)
             for i, g in enumerate(grads):
                 if g is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -313,6 +314,40 @@ def test_inner_rates_per_layer_per_step_are_meta_learned() -> None:
     grads = module_grads(module, regression_batch(seed=8))
     lr_grads = grads[-6:]
     assert all(g is not None and g.shape == (3,) and torch.all(g != 0) for g in lr_grads)
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """Tensors read back to Python (``bool``, ``item``) while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_loop_checks_each_task_with_one_host_sync(steps: int) -> None:
+    # Every inner loss, the final weights, the query loss and the meta-gradient are checked,
+    # but the per-task loop reads them back together once per task.
+    batch = regression_batch(seed=9)
+    for policy, per_task in (("raise", 1), ("skip", 1), ("off", 0)):
+        module = MAML(
+            Net().double(),
+            inner_optim=sgd(0.1),
+            inner_steps=steps,
+            nan_policy=policy,
+            vectorize_tasks=False,
+        )
+        syncs = count_host_syncs(lambda m=module: m.training_step(batch, 0).backward())
+        assert syncs == per_task * len(batch), policy
 
 
 def test_nan_in_inner_step_is_named_or_skipped() -> None:
