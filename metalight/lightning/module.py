@@ -400,10 +400,12 @@ class MetaLearningModule(L.LightningModule):
         def guard(loss: Tensor, step: int) -> None:
             if not check:
                 return
-            # The weights the loss was computed from, for the message.
-            weights = list(zip(names, fmodel.fast_params or [], strict=True))
+            # The weights the loss was computed from, for the message (each step makes a
+            # new list, so holding this one keeps them).
+            params = fmodel.fast_params or []
 
             def fail() -> None:
+                weights = zip(names, params, strict=True)
                 raise NonFiniteError(self._describe_nonfinite(loss, step, weights))
 
             self._expect_finite([loss], fail)
