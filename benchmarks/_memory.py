@@ -35,14 +35,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(*fields: str) -> list[int | None]:
+    """Fields of ``/proc/self/status`` in KiB, read at one instant (one read of the file)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+        lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
-        return None
-    return None
+        return [None] * len(fields)
+    values = {line.split(":")[0]: line.split() for line in lines}
+    return [int(values[f][1]) if f in values else None for f in fields]
 
 
 def _reset_peak_rss() -> bool:
@@ -50,7 +50,9 @@ def _reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") == _status_kib("VmRSS")
+    # Both from one read: two reads can straddle an allocation and disagree.
+    hwm, rss = _status_kib("VmHWM", "VmRSS")
+    return hwm is not None and hwm == rss
 
 
 def _malloc_trim() -> None:
@@ -78,14 +80,14 @@ def measure_peak(fn: Callable[[], None], device: torch.device) -> dict[str, obje
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
         result["method"] = "cuda max_memory_allocated"
         return result
-    rss = (_status_kib("VmRSS") or 0) * 1024
+    rss = (_status_kib("VmRSS")[0] or 0) * 1024
     exact = _reset_peak_rss()
     before = rss if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     fn()
     result["seconds"] = time.perf_counter() - start
     if exact:
-        peak = (_status_kib("VmHWM") or 0) * 1024
+        peak = (_status_kib("VmHWM")[0] or 0) * 1024
         result["method"] = "VmHWM after reset"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -37,37 +37,31 @@ POLICIES = {
 
 
 def build(policy: str, steps: int, device: str):
-    """The module (same initial weights for every policy) and a one-task batch."""
+    """One meta-iteration of ``policy`` on ``_common``'s Conv-4 workload with one task.
+
+    Every policy starts from the same initial weights and task (the workload is seeded).
+    """
     import functools
 
     import torch
 
-    from metalight.algorithms import MAML
-    from metalight.data import Task, TaskBatch
-    from metalight.models import Conv4
+    sys.path.insert(0, str(HERE))
+    from _common import conv4_case
 
-    torch.manual_seed(0)
+    from metalight.algorithms import MAML
+
+    case = conv4_case(tasks=1, steps=steps, device=device)
     module = MAML(
-        Conv4(hidden=64),
-        inner_optim=functools.partial(torch.optim.SGD, lr=0.4),
+        case.model,
+        inner_optim=functools.partial(torch.optim.SGD, lr=case.lr),
         inner_steps=steps,
         **POLICIES[policy],
-    ).to(device)
-    ways = torch.arange(5)
-    generator = torch.Generator().manual_seed(1)
-    task = Task(
-        torch.randn(5, 1, 28, 28, generator=generator),
-        ways,
-        torch.randn(75, 1, 28, 28, generator=generator),
-        ways.repeat_interleave(15),
-        ways,
     )
-    batch = TaskBatch.stack([task]).to(device)
 
     def iteration() -> None:
         module.zero_grad(set_to_none=True)
         # The meta-gradient is taken inside (per task); backward() moves it into .grad.
-        module.training_step(batch, 0).backward()
+        module.training_step(case.batch, 0).backward()
 
     return iteration
 
