@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -41,7 +42,16 @@ def test_public_surface() -> None:
         assert callable(getattr(higher, name)), name
     for name in ["monkeypatch", "make_functional", "buffer_sync"]:
         assert callable(getattr(higher.patch, name)), name
-    for name in ["flatten", "get_func_params"]:
+    for name in [
+        "_copy_tensor",
+        "_recursive_copy_and_cast",
+        "_recursive_map",
+        "_is_container",
+        "_find_param_in_list",
+        "_get_param_mapping",
+        "flatten",
+        "get_func_params",
+    ]:
         assert callable(getattr(higher.utils, name)), name
     for name in [
         "DifferentiableOptimizer",
@@ -234,6 +244,80 @@ def test_per_step_override_and_grad_callbacks() -> None:
         for a, b in zip(after, fmodel.parameters(), strict=True):
             torch.testing.assert_close(a, b)
     assert seen == [4]
+
+
+def test_utils_helpers_walk_containers_like_higher() -> None:
+    w = torch.arange(3.0, requires_grad=True)
+    b = torch.ones(2)
+
+    class Pair(NamedTuple):
+        first: object
+        second: object
+
+    nested = {"a": [w, (b, 2)], "b": {5}, "c": Pair(w, "x")}
+    doubled = higher.utils._recursive_map(nested, lambda x: x * 2)
+    assert type(doubled["a"]) is list and type(doubled["a"][1]) is tuple
+    assert type(doubled["c"]) is Pair and doubled["c"].second == "xx"
+    assert doubled["b"] == {10} and doubled["a"][1][1] == 4
+    torch.testing.assert_close(doubled["a"][0], torch.tensor([0.0, 2.0, 4.0]))
+
+    copied = higher.utils._recursive_copy_and_cast(nested, "cpu")
+    for got, src in [(copied["a"][0], w), (copied["a"][1][0], b), (copied["c"].first, w)]:
+        assert got is not src and got.grad_fn is None and torch.equal(got, src)
+        assert got.requires_grad == src.requires_grad
+        assert got.data_ptr() != src.data_ptr()
+    assert copied["b"] == {5} and copied["c"].second == "x"
+
+    alias = higher.utils._copy_tensor(w, safe_copy=False)
+    assert alias is not w and alias.data_ptr() == w.data_ptr() and alias.requires_grad
+    clone = higher.utils._copy_tensor(w, safe_copy=True)
+    assert clone.data_ptr() != w.data_ptr() and clone.requires_grad and clone.is_leaf
+
+    assert [higher.utils._is_container(x) for x in ([], (), {}, set(), "ab", w, 3)] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert higher.utils.flatten({"a": [1, {2}], "b": (3, {"c": 4})}) == [1, 2, 3, 4]
+    assert higher.utils.flatten(w) == [w]
+
+
+def test_utils_param_mapping_of_tied_weights() -> None:
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.Tanh(), nn.Linear(3, 3), shared)
+    net[2].bias = shared.bias  # a tied parameter inside another module
+    seen: list[torch.Tensor] = []
+    mapping = higher.utils._get_param_mapping(net, seen, [])
+    assert mapping == [0, 1, 2, 1, 0, 1]
+    assert len(seen) == 3
+    assert all(a is b for a, b in zip(seen, net.parameters(), strict=True))
+    # Lookup is by identity: an equal copy is not found.
+    assert higher.utils._find_param_in_list(shared.bias, seen) == 1
+    assert higher.utils._find_param_in_list(shared.bias.detach().clone(), seen) is None
+    aliases = higher.utils.get_func_params(net, safe_copy=False)
+    assert [a.data_ptr() for a in aliases] == [p.data_ptr() for p in net.parameters()]
+    assert all(a is not p and a.grad_fn is None for a, p in zip(aliases, net.parameters()))
+
+
+def test_track_higher_grads_get_and_set_on_diffopt() -> None:
+    model = make_model(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = make_data(1, seed=10)[0]
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert diffopt.track_higher_grads is True
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        assert all(p.grad_fn is not None for p in fmodel.parameters())
+        diffopt.track_higher_grads = False
+        assert diffopt.track_higher_grads is False
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        assert all(p.grad_fn is None and p.requires_grad for p in fmodel.parameters())
+        diffopt.track_higher_grads = True
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        assert all(p.grad_fn is not None for p in fmodel.parameters())
 
 
 def test_create_diff_optim_and_utils() -> None:
