@@ -13,11 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from metalight.run import config_dir, register_recipes, register_resolvers
+from tests.conftest import OMNIGLOT_DIR, REPO, SMALL_SETS
 
-REPO = Path(__file__).resolve().parents[2]
-# CI clones the repository elsewhere with shared/ beside it, so locate data from the repo root.
-OMNIGLOT_DIR = REPO.parent / "shared" / "data" / "omniglot"
-SMALL_SETS = ("images_background_small1", "images_background_small2")
+__all__ = ["OMNIGLOT_DIR", "REPO", "SMALL_SETS", "TINY", "only_run_dir", "run_cli"]
 
 # Tiny budgets: seconds, not minutes.
 TINY = [
@@ -29,13 +27,6 @@ TINY = [
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
 ]
-
-
-@pytest.fixture(scope="session")
-def omniglot_dir() -> Path:
-    if not all((OMNIGLOT_DIR / f"{s}.zip").is_file() for s in SMALL_SETS):
-        pytest.skip(f"Omniglot subsets not found: expected {SMALL_SETS} zips in {OMNIGLOT_DIR}")
-    return OMNIGLOT_DIR
 
 
 @pytest.fixture

@@ -156,12 +156,13 @@ def test_multirun_sweeps_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_omniglot_recipe_trains_on_the_small_sets(
-    omniglot_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_omniglot_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The subject is the command's wiring, so the synthetic small sets (same alphabets) do.
     argv = [
         "train",
         "+recipe=omniglot_maml_5w1s",
-        f"data.root={omniglot_dir}",
+        f"data.root={synthetic_omniglot_dir}",
         "model.hidden=8",
         *TINY,
         "trainer.max_steps=2",

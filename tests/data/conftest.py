@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Omniglot subsets, decoded once per test session."""
+"""Omniglot datasets, decoded once per test session: the real small sets and the synthetic
+stand-in (both folders come from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ from pathlib import Path
 import pytest
 
 from metalight.data import Omniglot
+from tests.conftest import OMNIGLOT_DIR, SMALL_SETS
 
-# CI clones the repository elsewhere with shared/ beside it, so locate data from the repo root.
-OMNIGLOT_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
-SMALL_SETS = ("images_background_small1", "images_background_small2")
-
-
-@pytest.fixture(scope="session")
-def omniglot_dir() -> Path:
-    if not all((OMNIGLOT_DIR / f"{s}.zip").is_file() for s in SMALL_SETS):
-        pytest.skip(
-            f"real Omniglot subsets not found: expected {SMALL_SETS} zips in {OMNIGLOT_DIR}"
-        )
-    return OMNIGLOT_DIR
+__all__ = ["OMNIGLOT_DIR", "SMALL_SETS"]
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +20,18 @@ def omniglot_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def omniglot(omniglot_dir: Path, omniglot_cache: Path) -> Omniglot:
-    """Both small sets merged (Greek and Latin deduplicated), 28x28."""
+    """The real small sets merged (Greek and Latin deduplicated), 28x28."""
     return Omniglot(omniglot_dir, SMALL_SETS, image_size=28, cache_dir=omniglot_cache)
+
+
+@pytest.fixture(scope="session")
+def synthetic_omniglot_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic_omniglot_cache")
+
+
+@pytest.fixture(scope="session")
+def synthetic_omniglot(synthetic_omniglot_dir: Path, synthetic_omniglot_cache: Path) -> Omniglot:
+    """The synthetic small sets merged by the real reader, 28x28 (26 classes of 20)."""
+    return Omniglot(
+        synthetic_omniglot_dir, SMALL_SETS, image_size=28, cache_dir=synthetic_omniglot_cache
+    )

@@ -1,4 +1,7 @@
-"""DataModules: loaders per split, shapes, counts, rank sharding, state, plain kwargs."""
+"""DataModules: loaders per split, shapes, counts, rank sharding, state, plain kwargs.
+
+The Omniglot ones read the synthetic small sets (26 classes in the real sets' alphabets, see
+tests/conftest.py) through the real reader: their subject is plumbing, not the images."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from metalight.data import (
     TaskBatch,
     TaskDataLoader,
 )
-from tests.data.conftest import SMALL_SETS
+from tests.conftest import SMALL_SETS
 from tests.data.test_image_folder import make_folder
 
 
@@ -26,13 +29,15 @@ def fake_trainer(rank: int, world_size: int) -> SimpleNamespace:
     return SimpleNamespace(global_rank=rank, world_size=world_size)
 
 
-def test_omniglot_datamodule_from_plain_kwargs(omniglot_dir: Path, omniglot_cache: Path) -> None:
+def test_omniglot_datamodule_from_plain_kwargs(
+    synthetic_omniglot_dir: Path, synthetic_omniglot_cache: Path
+) -> None:
     dm = OmniglotDataModule(
-        root=str(omniglot_dir),
+        root=str(synthetic_omniglot_dir),
         sets=list(SMALL_SETS),
-        cache_dir=str(omniglot_cache),  # decoded once per session by the omniglot fixture
-        num_train_characters=150,
-        num_val_characters=40,
+        cache_dir=str(synthetic_omniglot_cache),  # decoded once per session by the fixture
+        num_train_characters=12,
+        num_val_characters=7,
         ways=5,
         shots=1,
         queries=15,
@@ -48,7 +53,7 @@ def test_omniglot_datamodule_from_plain_kwargs(omniglot_dir: Path, omniglot_cach
     dm.setup("fit")
     assert dm.datasets is not None
     train, val, test = (dm.datasets[s] for s in ("train", "val", "test"))
-    assert (train.num_classes, val.num_classes, test.num_classes) == (4 * 150, 40, 52)
+    assert (train.num_classes, val.num_classes, test.num_classes) == (4 * 12, 7, 7)
     base_names = {n.split("@")[0] for n in train.class_names}
     assert not base_names & set(val.class_names) and not base_names & set(test.class_names)
 
@@ -69,8 +74,8 @@ def test_omniglot_datamodule_from_plain_kwargs(omniglot_dir: Path, omniglot_cach
     assert [len(b) for b in dm.test_dataloader()] == [4, 2]
 
 
-def test_episodic_datamodule_ranks_seeds_and_state(omniglot: Omniglot) -> None:
-    splits = omniglot.split_by_character(num_train=150, num_val=40)
+def test_episodic_datamodule_ranks_seeds_and_state(synthetic_omniglot: Omniglot) -> None:
+    splits = synthetic_omniglot.split_by_character(num_train=12, num_val=7)
     settings = dict(
         ways=5,
         shots=1,
@@ -134,8 +139,8 @@ def test_episodic_datamodule_ranks_seeds_and_state(omniglot: Omniglot) -> None:
         build(seed=1).load_state_dict(state)
 
 
-def test_world_size_must_divide_meta_batch(omniglot: Omniglot) -> None:
-    dm = EpisodicDataModule(omniglot, ways=5, shots=1, queries=1, meta_batch_size=5)
+def test_world_size_must_divide_meta_batch(synthetic_omniglot: Omniglot) -> None:
+    dm = EpisodicDataModule(synthetic_omniglot, ways=5, shots=1, queries=1, meta_batch_size=5)
     dm.trainer = fake_trainer(0, 2)
     with pytest.raises(ValueError, match="meta_batch_size=5 is global and must split evenly"):
         dm.train_dataloader()
@@ -143,14 +148,15 @@ def test_world_size_must_divide_meta_batch(omniglot: Omniglot) -> None:
         dm.val_dataloader()
 
 
-def test_datamodule_reports_bad_settings(omniglot: Omniglot) -> None:
-    dm = EpisodicDataModule(omniglot, omniglot, ways=5, shots=1, queries=1, eval_ways=300)
+def test_datamodule_reports_bad_settings(synthetic_omniglot: Omniglot) -> None:
+    data = synthetic_omniglot
+    dm = EpisodicDataModule(data, data, ways=5, shots=1, queries=1, eval_ways=30)
     with pytest.raises(
-        ValueError, match="val split: cannot draw 300-way tasks from a dataset with 242"
+        ValueError, match="val split: cannot draw 30-way tasks from a dataset with 26"
     ):
         dm.setup("fit")
     with pytest.raises(ValueError, match="meta_batch_size must be a positive integer, got 0"):
-        EpisodicDataModule(omniglot, meta_batch_size=0)
+        EpisodicDataModule(data, meta_batch_size=0)
 
 
 def test_sinusoid_datamodule() -> None:
@@ -260,15 +266,17 @@ def test_lightning_resume_mid_epoch_sees_the_uninterrupted_stream(
     assert first.seen + second.seen == full.seen
 
 
-def test_hydra_instantiates_datamodules(omniglot_dir: Path, omniglot_cache: Path) -> None:
+def test_hydra_instantiates_datamodules(
+    synthetic_omniglot_dir: Path, synthetic_omniglot_cache: Path
+) -> None:
     hydra_utils = pytest.importorskip("hydra.utils")
     omegaconf = pytest.importorskip("omegaconf")
     config = omegaconf.OmegaConf.create(
         {
             "_target_": "metalight.data.OmniglotDataModule",
-            "root": str(omniglot_dir),
+            "root": str(synthetic_omniglot_dir),
             "sets": list(SMALL_SETS),
-            "cache_dir": str(omniglot_cache),
+            "cache_dir": str(synthetic_omniglot_cache),
             "split": "alphabet",
             "train_alphabets": ["Korean", "Japanese_(katakana)", "Sanskrit", "Balinese"],
             "val_alphabets": ["Greek", "Tagalog"],
@@ -284,7 +292,7 @@ def test_hydra_instantiates_datamodules(omniglot_dir: Path, omniglot_cache: Path
     dm = hydra_utils.instantiate(config)
     assert isinstance(dm, OmniglotDataModule)
     assert next(iter(dm.train_dataloader())).support_x.shape == (2, 5, 1, 28, 28)
-    assert dm.datasets is not None and dm.datasets["val"].num_classes == 24 + 17
+    assert dm.datasets is not None and dm.datasets["val"].num_classes == 3 + 2  # Greek + Tagalog
     sinusoid = hydra_utils.instantiate(
         omegaconf.OmegaConf.create(
             {"_target_": "metalight.data.SinusoidDataModule", "x_range": [-2.0, 2.0], "shots": 3}

@@ -1,4 +1,7 @@
-"""Episodic N-way K-shot sampling: shapes, labels, class use and validation errors."""
+"""Episodic N-way K-shot sampling: shapes, labels, class use and validation errors.
+
+Sampling does not depend on what the images show: the synthetic Omniglot (26 classes of 20
+drawers, read by the real Omniglot code) stands in for the real one."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 from metalight.data import EpisodicSampler, FewShotDataset, Omniglot
+from tests.conftest import SYNTHETIC_CLASSES
 
 
 def _owner_classes(dataset: FewShotDataset, x: torch.Tensor) -> list[set[int]]:
@@ -18,8 +22,10 @@ def _owner_classes(dataset: FewShotDataset, x: torch.Tensor) -> list[set[int]]:
 
 
 @pytest.mark.parametrize(("ways", "shots", "queries"), [(5, 1, 15), (20, 5, 5), (3, 2, 1)])
-def test_shapes_labels_and_classes(omniglot: Omniglot, ways: int, shots: int, queries: int) -> None:
-    sampler = omniglot.sampler(ways, shots, queries)
+def test_shapes_labels_and_classes(
+    synthetic_omniglot: Omniglot, ways: int, shots: int, queries: int
+) -> None:
+    sampler = synthetic_omniglot.sampler(ways, shots, queries)
     generator = torch.Generator().manual_seed(123)
     for _ in range(3):
         task = sampler.sample(generator)
@@ -37,7 +43,7 @@ def test_shapes_labels_and_classes(omniglot: Omniglot, ways: int, shots: int, qu
         assert task.info.shape == (ways,) and len(set(task.info.tolist())) == ways
         # Every image comes from the class its way stands for.
         for x, y in ((task.support_x, task.support_y), (task.query_x, task.query_y)):
-            owners = _owner_classes(omniglot, x)
+            owners = _owner_classes(synthetic_omniglot, x)
             for label, owner in zip(y.tolist(), owners, strict=True):
                 assert int(task.info[label]) in owner
 
@@ -83,19 +89,20 @@ def test_mapping_input_and_uneven_class_sizes() -> None:
             assert all(lows[class_id] <= v < highs[class_id] for v in row)
 
 
-def test_too_many_ways(omniglot: Omniglot) -> None:
+def test_too_many_ways(synthetic_omniglot: Omniglot) -> None:
+    n = SYNTHETIC_CLASSES
     with pytest.raises(
-        ValueError, match="cannot draw 243-way tasks from a dataset with 242 classes"
+        ValueError, match=f"cannot draw {n + 1}-way tasks from a dataset with {n} classes"
     ):
-        omniglot.sampler(ways=243, shots=1, queries=1)
-    assert omniglot.sampler(ways=242, shots=1, queries=1).num_classes == 242
+        synthetic_omniglot.sampler(ways=n + 1, shots=1, queries=1)
+    assert synthetic_omniglot.sampler(ways=n, shots=1, queries=1).num_classes == n
 
 
-def test_too_few_images_names_the_class(omniglot: Omniglot) -> None:
+def test_too_few_images_names_the_class(synthetic_omniglot: Omniglot) -> None:
     with pytest.raises(
-        ValueError, match=r"242 class\(es\) have fewer than shots \+ queries"
+        ValueError, match=rf"{SYNTHETIC_CLASSES} class\(es\) have fewer than shots \+ queries"
     ) as err:
-        omniglot.sampler(ways=5, shots=6, queries=15)
+        synthetic_omniglot.sampler(ways=5, shots=6, queries=15)
     assert "'Balinese/character01' has 20" in str(err.value)
     small = FewShotDataset(torch.zeros(7, 1), [0, 0, 0, 0, 0, 1, 1], ["cats", "dogs"])
     with pytest.raises(ValueError, match="'dogs' has 2") as err:
@@ -104,7 +111,7 @@ def test_too_few_images_names_the_class(omniglot: Omniglot) -> None:
 
 
 @pytest.mark.parametrize("field", ["ways", "shots", "queries"])
-def test_non_positive_numbers(omniglot: Omniglot, field: str) -> None:
+def test_non_positive_numbers(synthetic_omniglot: Omniglot, field: str) -> None:
     settings = {"ways": 5, "shots": 1, "queries": 1, field: 0}
     with pytest.raises(ValueError, match=f"{field} must be a positive integer, got 0"):
-        omniglot.sampler(**settings)
+        synthetic_omniglot.sampler(**settings)

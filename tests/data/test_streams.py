@@ -1,4 +1,7 @@
-"""Reproducible streams: seeds, epochs, DataLoader workers, rank sharding and resume."""
+"""Reproducible streams: seeds, epochs, DataLoader workers, rank sharding and resume.
+
+None of this depends on what the images show, so the synthetic Omniglot stands in for the
+real one and these tests run everywhere."""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ from metalight.data import (
 
 
 @pytest.fixture(scope="module")
-def sampler(omniglot: Omniglot) -> EpisodicSampler:
-    return omniglot.with_rotations().sampler(ways=5, shots=1, queries=3)
+def sampler(synthetic_omniglot: Omniglot) -> EpisodicSampler:
+    return synthetic_omniglot.with_rotations().sampler(ways=5, shots=1, queries=3)
 
 
 def same(a: TaskBatch, b: TaskBatch) -> bool:
