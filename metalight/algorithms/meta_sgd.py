@@ -31,6 +31,9 @@ class MetaSGD(MetaLearningModule):
         True
     """
 
+    # The inner SGD is built from inner_lr (saved as such), not passed in.
+    _saved_factories = ("outer_optim", "scheduler")
+
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, **kwargs: Any) -> None:
         if kwargs.pop("inner_optim", None) is not None:
             raise ValueError("MetaSGD's inner optimizer is SGD with learned rates; use inner_lr")

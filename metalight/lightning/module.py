@@ -10,8 +10,9 @@ all-reduce, gradient clipping, accumulation, precision scaling and the outer ste
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +23,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, monkeypatch
+from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import differentiable_class, get_diff_optim
@@ -52,12 +54,9 @@ class Adaptation:
         self.fast_params = fast_params
 
 
-def _default_inner_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.01)
-
-
-def _default_outer_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-3)
+# Partials rather than functions: a checkpoint describes them as class and hyperparameters.
+_default_inner_optim = functools.partial(torch.optim.SGD, lr=0.01)
+_default_outer_optim = functools.partial(torch.optim.Adam, lr=1e-3)
 
 
 def _zero_loss(params: Sequence[Tensor]) -> Tensor:
@@ -94,6 +93,17 @@ def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
     return peak is None or math.isfinite(peak.item())
 
 
+def _factory_or_deferred_error(value: Any, argument: str) -> Callable[..., Any]:
+    """The factory of ``value``; for an unsaved one, a factory that explains when called."""
+    if isinstance(value, Mapping) and UNSAVED in value:
+
+        def explain(*args: Any, **kwargs: Any) -> Any:
+            build_factory(value, argument)  # raises the explanation
+
+        return explain
+    return build_factory(value, argument)
+
+
 class MetaLearningModule(L.LightningModule):
     """Gradient-based meta-learning (MAML by default) as a ``LightningModule``.
 
@@ -108,7 +118,8 @@ class MetaLearningModule(L.LightningModule):
         model: the network; every trainable parameter is meta-learned.
         inner_optim: builds the inner ``torch.optim`` optimizer from parameters (a class
             with ``functools.partial`` hyperparameters, e.g. ``partial(torch.optim.SGD,
-            lr=0.4)``); any optimizer with a differentiable version works.
+            lr=0.4)``, or its description ``{"_target_": "torch.optim.SGD", "_partial_":
+            True, "lr": 0.4}``); any optimizer with a differentiable version works.
         inner_steps: inner steps per task in training (0 trains without adaptation).
         eval_inner_steps: inner steps in validation and test (default: ``inner_steps``).
         eval_report_steps: extra step counts at which evaluation also logs the query loss
@@ -146,17 +157,25 @@ class MetaLearningModule(L.LightningModule):
         >>> from metalight.models import MLP
         >>> module = MetaLearningModule(
         ...     MLP(), inner_optim=functools.partial(torch.optim.SGD, lr=0.01), inner_steps=1)
+
+    Checkpoints hold every constructor argument but the model: the optimizer factories as
+    descriptions (class path and hyperparameters, see :mod:`metalight.lightning.factories`),
+    so ``MAML.load_from_checkpoint(path, model=MLP())`` adapts exactly as the trained module.
     """
+
+    # Factory arguments saved with the hyperparameters (a subclass that builds one itself,
+    # like MetaSGD's inner SGD, leaves it out so that reloading does not pass it twice).
+    _saved_factories: tuple[str, ...] = ("inner_optim", "outer_optim", "scheduler")
 
     def __init__(
         self,
         model: nn.Module,
-        inner_optim: OptimizerFactory | None = None,
+        inner_optim: OptimizerFactory | Mapping[str, Any] | None = None,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         eval_report_steps: Sequence[int] | None = None,
-        outer_optim: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        outer_optim: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         first_order: bool = False,
         truncate: int | None = None,
         checkpoint_unroll: bool = False,
@@ -196,9 +215,24 @@ class MetaLearningModule(L.LightningModule):
         self.nan_policy = nan_policy
         # NaN/Inf checks waiting for the end of a task (see _expect_finite); None: check now.
         self._deferred_checks: list[tuple[list[Tensor | None], Callable[[], None]]] | None = None
-        self._inner_optim_factory = inner_optim or _default_inner_optim
-        self._outer_optim_factory = outer_optim or _default_outer_optim
-        self._scheduler_factory = scheduler
+        inner_optim = _default_inner_optim if inner_optim is None else inner_optim
+        outer_optim = _default_outer_optim if outer_optim is None else outer_optim
+        # Saved with the hyperparameters, so load_from_checkpoint rebuilds the same optimizers.
+        self._factory_descriptions = {
+            name: dict(value) if isinstance(value, Mapping) else describe_factory(value)
+            for name, value in (
+                ("inner_optim", inner_optim),
+                ("outer_optim", outer_optim),
+                ("scheduler", scheduler),
+            )
+        }
+        self._inner_optim_factory = build_factory(inner_optim, "inner_optim")
+        # The outer optimizer and scheduler matter for training only: a checkpoint that could
+        # not store them still loads for adaptation and says so when training starts.
+        self._outer_optim_factory = _factory_or_deferred_error(outer_optim, "outer_optim")
+        self._scheduler_factory = (
+            None if scheduler is None else _factory_or_deferred_error(scheduler, "scheduler")
+        )
 
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
@@ -222,6 +256,8 @@ class MetaLearningModule(L.LightningModule):
         self.save_hyperparameters(
             ignore=["model", "inner_optim", "outer_optim", "scheduler"], logger=False
         )
+        for name in self._saved_factories:
+            self.hparams[name] = self._factory_descriptions[name]
         self._setup_metrics()
         if vectorize_tasks not in (True, False, "auto"):
             raise ValueError(
