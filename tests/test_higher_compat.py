@@ -362,6 +362,52 @@ def test_bad_inputs_are_explained() -> None:
         higher.get_diff_optim(opt, model.parameters(), override={"lr": [0.1, 0.2]})
 
 
+def test_unknown_override_keys_are_refused() -> None:
+    model = make_model(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xs, ys = make_data(1)[0]
+    bad = {"momentum_typo": [0.5]}
+    want = r"override key 'momentum_typo' is not a hyperparameter of DifferentiableSGD; valid "
+    with pytest.raises(ValueError, match=want + r"keys: .*dampening.*, lr, .*momentum"):
+        higher.get_diff_optim(opt, model.parameters(), override=bad)
+    with pytest.raises(ValueError, match=want), higher.innerloop_ctx(model, opt, override=bad):
+        pass
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match=want):
+            diffopt.step(F.mse_loss(fmodel(xs), ys), override=bad)
+        with pytest.raises(ValueError, match=want):
+            diffopt.unroll(lambda p: F.mse_loss(fmodel(xs, params=p), ys), 1, override=bad)
+        # Nothing was applied: the groups still hold the optimizer's values.
+        assert "momentum_typo" not in diffopt.param_groups[0]
+    # A custom optimizer's valid keys are its groups' keys.
+    higher.register_optim(SignSGD, DifferentiableSignSGD)
+    custom = SignSGD(model.parameters())
+    with pytest.raises(ValueError, match=r"'lr_' is not a .* of DifferentiableSignSGD; valid "):
+        higher.get_diff_optim(custom, model.parameters(), override={"lr_": 1})
+
+
+@pytest.mark.parametrize("where", ["constructor", "step", "unroll", "checkpoint"])
+def test_grad_callback_returning_the_wrong_number_is_explained(where: str) -> None:
+    model = make_model(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = make_data(1)[0]
+    drop_one = lambda grads: grads[:-1]  # noqa: E731
+    kwargs = {} if where == "step" else {"grad_callback": drop_one}
+    ctx = higher.innerloop_ctx(model, opt, checkpoint=where == "checkpoint", **kwargs)
+    want = r"^grad_callback returned 3 gradients, expected 4 \("
+    with ctx as (fmodel, diffopt):
+        loss = F.mse_loss(fmodel(xs), ys)
+        if where == "step":
+            with pytest.raises(ValueError, match=want):
+                diffopt.step(loss, grad_callback=drop_one)
+        elif where == "constructor":
+            with pytest.raises(ValueError, match=want):
+                diffopt.step(loss)
+        else:
+            with pytest.raises(ValueError, match=want):
+                diffopt.unroll(lambda p: F.mse_loss(fmodel(xs, params=p), ys), 2)
+
+
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop])
 def test_parameter_groups_with_their_own_hyperparameters(opt_cls: type) -> None:
     model = make_model(9)

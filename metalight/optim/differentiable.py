@@ -152,6 +152,13 @@ class DifferentiableOptimizer:
 
     def _apply_override(self, override: Override) -> None:
         n = len(self.param_groups)
+        valid = sorted({k for group in self.param_groups for k in group} - {"params"})
+        for key in override:
+            if key not in valid:
+                raise ValueError(
+                    f"override key {key!r} is not a hyperparameter of {type(self).__name__}; "
+                    f"valid keys: {', '.join(valid)}"
+                )
         for key, value in override.items():
             values = value if _is_per_group(value) else [value]
             if len(values) == 1:
@@ -302,9 +309,9 @@ class DifferentiableOptimizer:
                 f"{self._num_params} reference parameters"
             )
         grads = self._grads(loss, params)
-        callback = grad_callback if grad_callback is not None else self._grad_callback
-        if callback is not None:
-            grads = list(callback(grads))
+        grads = self._call_grad_callback(
+            grad_callback if grad_callback is not None else self._grad_callback, grads
+        )
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             group_params = group["params"]
@@ -357,6 +364,20 @@ class DifferentiableOptimizer:
         for i, g in zip(targets, found, strict=True):
             grads[i] = g
         return grads
+
+    @staticmethod
+    def _call_grad_callback(
+        callback: GradCallback | None, grads: list[Tensor | None]
+    ) -> list[Tensor | None]:
+        if callback is None:
+            return grads
+        new = list(callback(grads))
+        if len(new) != len(grads):
+            raise ValueError(
+                f"grad_callback returned {len(new)} gradients, expected {len(grads)} (one per "
+                "fast weight, in the order it was given them, None where it got None)"
+            )
+        return new
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
         """Write new fast weights into ``self.param_groups[g]['params'][i]``.
@@ -457,8 +478,7 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
     ) -> tuple[list[Tensor], list[Any]]:
         """One step on explicit parameters and states, touching nothing else."""
         grads = self._grads(loss, list(params), first_order=first_order)
-        if self._grad_callback is not None:
-            grads = list(self._grad_callback(grads))
+        grads = self._call_grad_callback(self._grad_callback, grads)
         return self.update_groups(grads, params, states, hypers)
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
