@@ -28,50 +28,170 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 __all__ = ["FunctionalModule", "make_functional", "monkeypatch"]
 
 _OWN_ATTRS = frozenset({"_root", "_prefix"})
 
 
-class _Layout:
-    """Names, shapes and aliases of a module's parameters: static between unrolls."""
+class _Slot:
+    """One place a tensor lives: attribute ``name`` of one module object.
 
-    def __init__(self, module: nn.Module, params: list[Tensor]) -> None:
-        self.ids = [id(p) for p in params]
-        named = list(module.named_parameters())
-        self.names = [name for name, _ in named]
-        canonical = {id(p): i for i, (_, p) in enumerate(named)}
-        # Every name a parameter is reachable under (tied weights have several), so a
-        # submodule view finds a weight whose first name lies outside it.
-        self.aliases: dict[str, int] = {
-            name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)
-        }
-        self.shapes = [p.shape for _, p in named]
-        self.buffer_aliases = [n for n, _ in module.named_buffers(remove_duplicate=False)]
-        self.tied = len(self.aliases) != len(self.names) or len(self.buffer_aliases) != len(
-            list(module.named_buffers())
-        )
+    A module object used at several places of the model is one slot per attribute, however
+    many names reach it, so it is swapped and restored exactly once.
+    """
+
+    __slots__ = ("index", "is_param", "module", "name")
+
+    def __init__(self, module: nn.Module, name: str, is_param: bool, index: int) -> None:
+        # A weak reference: the layout cache must not keep the user's model alive.
+        self.module = weakref.ref(module)
+        self.name = name
+        self.is_param = is_param
+        self.index = index
+
+
+class _Walk:
+    """Every module, parameter and buffer of a model, in ``named_*(remove_duplicate=False)``
+    order, gathered without building names (this runs once per view)."""
+
+    __slots__ = ("buffers", "params", "signature")
+
+    def __init__(self, module: nn.Module) -> None:
+        params: list[Tensor] = []
+        buffers: list[Tensor] = []
+        signature: list[int] = []
+        stack = [module]
+        while stack:
+            sub = stack.pop()
+            signature.append(id(sub))
+            for p in sub._parameters.values():
+                if p is not None:
+                    params.append(p)
+                    signature.append(id(p))
+            signature.append(-1)
+            for t in sub._buffers.values():
+                if t is not None:
+                    buffers.append(t)
+                    signature.append(id(t))
+            signature.append(-2)
+            stack.extend(reversed([c for c in sub._modules.values() if c is not None]))
+        self.params = params
+        self.buffers = buffers
+        self.signature = signature
+
+
+class _Layout:
+    """Names, shapes, aliases and slots of a module's tensors: static between unrolls."""
+
+    def __init__(self, module: nn.Module, walk: _Walk) -> None:
+        self.signature = walk.signature
+        entries = list(module.named_parameters(remove_duplicate=False))
+        canonical: dict[int, int] = {}
+        self.unique_pos: list[int] = []
+        # Every name a parameter is reachable under (tied weights and shared modules have
+        # several), so a submodule view finds a weight whose first name lies outside it.
+        self.aliases: dict[str, int] = {}
+        for pos, (name, p) in enumerate(entries):
+            index = canonical.get(id(p))
+            if index is None:
+                index = canonical[id(p)] = len(self.unique_pos)
+                self.unique_pos.append(pos)
+            self.aliases[name] = index
+        self.names = [entries[pos][0] for pos in self.unique_pos]
+        self.shapes = [entries[pos][1].shape for pos in self.unique_pos]
+
+        buffer_index: dict[int, int] = {}
+        self.buffer_pos: list[int] = []
+        self.buffer_names: list[str] = []
+        self.buffer_aliases: dict[str, int] = {}
+        for pos, (name, t) in enumerate(module.named_buffers(remove_duplicate=False)):
+            index = buffer_index.get(id(t))
+            if index is None:
+                index = buffer_index[id(t)] = len(self.buffer_names)
+                self.buffer_names.append(name)
+                self.buffer_pos.append(pos)
+            self.buffer_aliases[name] = index
+
+        self.slots: list[_Slot] = []
+        self.rnns: list[weakref.ReferenceType[nn.RNNBase]] = []
+        seen: set[int] = set()
+        for _, sub in module.named_modules(remove_duplicate=False):
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            for name, p in sub._parameters.items():
+                if p is not None:
+                    self.slots.append(_Slot(sub, name, True, canonical[id(p)]))
+            for name, t in sub._buffers.items():
+                if t is not None:
+                    self.slots.append(_Slot(sub, name, False, buffer_index[id(t)]))
+            if isinstance(sub, nn.RNNBase):
+                self.rnns.append(weakref.ref(sub))
         self.views: dict[str, dict[str, int]] = {}
 
 
 # Building a view is on the hot path (one per task per meta-iteration): the module's layout
-# is computed once and revalidated against the identities of its parameters.
+# is computed once and revalidated against the identities of its modules and tensors.
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
 
 
-def _layout(module: nn.Module) -> tuple[_Layout, list[Tensor]]:
-    params = list(module.parameters())
+def _layout(module: nn.Module) -> tuple[_Layout, list[Tensor], list[Tensor]]:
+    """The module's layout, its distinct parameters and its distinct buffers."""
+    walk = _Walk(module)
     layout = _LAYOUTS.get(module)
-    if (
-        layout is None
-        or layout.ids != [id(p) for p in params]
-        or any(p.shape != s for p, s in zip(params, layout.shapes, strict=True))
-    ):
-        layout = _Layout(module, params)
-        _LAYOUTS[module] = layout
-    return layout, params
+    if layout is not None and layout.signature == walk.signature:
+        params = [walk.params[pos] for pos in layout.unique_pos]
+        if all(p.shape == s for p, s in zip(params, layout.shapes, strict=True)):
+            return layout, params, [walk.buffers[pos] for pos in layout.buffer_pos]
+    layout = _Layout(module, walk)
+    _LAYOUTS[module] = layout
+    params = [walk.params[pos] for pos in layout.unique_pos]
+    return layout, params, [walk.buffers[pos] for pos in layout.buffer_pos]
+
+
+@contextlib.contextmanager
+def _swapped(layout: _Layout, params: Sequence[Tensor], buffers: list[Tensor]) -> Iterator[None]:
+    """Put ``params`` and ``buffers`` into the module for one call, then put the originals back.
+
+    ``torch.func.functional_call(..., tie_weights=True)`` restores the wrong tensors when one
+    module object is reachable under several names (it swaps the same attribute twice and
+    restores in the same order), leaving fast weights inside the user's module. Here every
+    (module object, attribute) slot is swapped exactly once and all are restored in reverse
+    order, on exceptions too. A buffer the forward pass *reassigns* (rather than updates in
+    place) is kept in ``buffers``, as ``functional_call`` does.
+    """
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    rnns: list[tuple[nn.RNNBase, Any, Any]] = []
+    try:
+        for slot in layout.slots:
+            module = slot.module()
+            if module is None:  # pragma: no cover - the layout outlived a submodule
+                raise RuntimeError("a submodule of the functional view's module was deleted")
+            table = module._parameters if slot.is_param else module._buffers
+            value = params[slot.index] if slot.is_param else buffers[slot.index]
+            saved.append((table, slot.name, table[slot.name]))
+            table[slot.name] = value
+        # RNN modules run from a cached list of their weights, which their forward rebuilds
+        # when it sees new tensors (as under functional_call); the module gets its own list
+        # back afterwards, so it holds no fast weight once the call is over.
+        for ref in layout.rnns:
+            rnn = ref()
+            if rnn is not None:
+                rnns.append((rnn, rnn.__dict__.get("_flat_weights"), rnn._flat_weight_refs))
+        yield
+    finally:
+        for (table, name, original), slot in zip(
+            reversed(saved), reversed(layout.slots[: len(saved)]), strict=True
+        ):
+            if not slot.is_param:
+                current = table[name]
+                if current is not buffers[slot.index] and current is not None:
+                    buffers[slot.index] = current
+            table[name] = original
+        for rnn, flat, refs in reversed(rnns):
+            rnn.__dict__["_flat_weights"] = flat
+            rnn.__dict__["_flat_weight_refs"] = refs
 
 
 class _Root:
@@ -83,21 +203,18 @@ class _Root:
         params: list[Tensor] | None,
         track_higher_grads: bool,
         device: torch.device | str | None,
-        layout: tuple[_Layout, list[Tensor]] | None = None,
+        layout: tuple[_Layout, list[Tensor], list[Tensor]] | None = None,
     ) -> None:
         self.module = module
-        self.layout, self.module_params = layout or _layout(module)
+        self.layout, self.module_params, buffers = layout or _layout(module)
         self.names = self.layout.names
         self.aliases = self.layout.aliases
         self.shapes = self.layout.shapes
-        self.buffers: dict[str, Tensor] = {}
-        if self.layout.buffer_aliases:
-            buffer_ids: dict[int, Tensor] = {}
-            for name, b in module.named_buffers(remove_duplicate=False):
-                if id(b) not in buffer_ids:
-                    copy = b.detach().clone()
-                    buffer_ids[id(b)] = copy.to(device) if device is not None else copy
-                self.buffers[name] = buffer_ids[id(b)]
+        # The view's own copy of each distinct buffer (a shared module's buffer is one).
+        self.buffers: list[Tensor] = []
+        for t in buffers:
+            copy = t.detach().clone()
+            self.buffers.append(copy.to(device) if device is not None else copy)
         self.history: list[list[Tensor]] = []
         self.track_higher_grads = track_higher_grads
         self.training: dict[str, bool] = {}
@@ -152,20 +269,6 @@ class _Root:
             names = {n[cut:]: i for n, i in self.aliases.items() if n.startswith(prefix + ".")}
             self._views[prefix] = names
         return names
-
-    def tensors(self, prefix: str) -> dict[str, Tensor]:
-        params = self.latest()
-        if not prefix:
-            tensors = dict(zip(self.names, params, strict=True))
-            if self.buffers:
-                tensors.update(self.buffers)
-            return tensors
-        tensors = {rel: params[i] for rel, i in self.view_names(prefix).items()}
-        cut = len(prefix) + 1
-        for name, b in self.buffers.items():
-            if name.startswith(prefix + "."):
-                tensors[name[cut:]] = b
-        return tensors
 
     @contextlib.contextmanager
     def modes(self, module: nn.Module, prefix: str) -> Iterator[None]:
@@ -227,9 +330,10 @@ class FunctionalModule:
         if params is not None:
             root.update(params)
         module = self.module
-        tensors = root.tensors(self._prefix)
-        with root.modes(module, self._prefix):
-            return functional_call(module, tensors, args, kwargs, tie_weights=root.layout.tied)
+        # The whole model's tensors are swapped even for a submodule view: a weight it shares
+        # with a module outside it is then the same fast weight on both sides.
+        with root.modes(module, self._prefix), _swapped(root.layout, root.latest(), root.buffers):
+            return module(*args, **kwargs)
 
     def call(self, params: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
         """Run with ``params`` as the fast weights for this call only (history untouched).
@@ -283,6 +387,12 @@ class FunctionalModule:
         """The fast weights the unroll started from (time 0)."""
         self._require_root("init_fast_params")
         return self._root.history[0] if self._root.history else None
+
+    @property
+    def _fast_params(self) -> list[list[Tensor]]:
+        """The whole history of fast weights, oldest first (higher's private name for it)."""
+        self._require_root("_fast_params")
+        return self._root.history
 
     @property
     def track_higher_grads(self) -> bool:
@@ -343,13 +453,17 @@ class FunctionalModule:
         return zip(self._root.names, self.parameters(time), strict=True)
 
     def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
-        """This view's own copies of the module's buffers."""
+        """This view's own copies of the module's buffers (each distinct buffer once)."""
+        root = self._root
         if not self._prefix:
-            return iter(self._root.buffers.items())
-        cut = len(self._prefix) + 1
-        return iter(
-            (n[cut:], b) for n, b in self._root.buffers.items() if n.startswith(self._prefix + ".")
-        )
+            return zip(root.layout.buffer_names, root.buffers, strict=True)
+        start = self._prefix + "."
+        cut = len(start)
+        first: dict[int, str] = {}
+        for name, index in root.layout.buffer_aliases.items():
+            if name.startswith(start):
+                first.setdefault(index, name[cut:])
+        return iter([(name, root.buffers[index]) for index, name in first.items()])
 
     def buffers(self) -> Iterator[Tensor]:
         """This view's own copies of the module's buffers."""
@@ -360,9 +474,10 @@ class FunctionalModule:
 
         Nothing an unroll does reaches the module's buffers unless this is called.
         """
-        own = dict(self._root.module.named_buffers(remove_duplicate=False))
+        root = self._root
+        own = dict(root.module.named_buffers(remove_duplicate=False))
         with torch.no_grad():
-            for name, b in self._root.buffers.items():
+            for name, b in zip(root.layout.buffer_names, root.buffers, strict=True):
                 own[name].copy_(b)
 
     def copy_buffers_from(
@@ -370,15 +485,16 @@ class FunctionalModule:
     ) -> None:
         """Replace this view's buffer copies with fresh copies of ``module``'s buffers."""
         self._require_root("copy_buffers_from")
+        root = self._root
         buffers = dict(module.named_buffers(remove_duplicate=False))
-        missing = set(self._root.buffers) - set(buffers)
+        missing = [n for n in root.layout.buffer_names if n not in buffers]
         if missing:
             raise ValueError(
                 f"{type(module).__name__} lacks buffers {sorted(missing)} of the functional view"
             )
-        for name in self._root.buffers:
+        for index, name in enumerate(root.layout.buffer_names):
             copy = buffers[name].detach().clone()
-            self._root.buffers[name] = copy.to(device) if device is not None else copy
+            root.buffers[index] = copy.to(device) if device is not None else copy
 
     # --- modes -----------------------------------------------------------------------------
     @property
@@ -407,8 +523,9 @@ class FunctionalModule:
         index = root.aliases.get(full)
         if index is not None:
             return root.latest()[index]
-        if full in root.buffers:
-            return root.buffers[full]
+        buffer = root.layout.buffer_aliases.get(full)
+        if buffer is not None:
+            return root.buffers[buffer]
         attr = getattr(self.module, name)
         if isinstance(attr, nn.Module):
             return FunctionalModule(root, full)
@@ -433,9 +550,17 @@ class FunctionalModule:
                     f"Tensor of shape {tuple(root.shapes[index])}"
                 )
             root.replace(index, value)
-        elif full in root.buffers:
-            root.buffers[full] = value
-        elif name in _OWN_ATTRS:
+            return
+        buffer = root.layout.buffer_aliases.get(full)
+        if buffer is not None:
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"cannot assign {type(value).__name__} to buffer {full!r}: expected a Tensor"
+                )
+            root.buffers[buffer] = value
+        elif name in _OWN_ATTRS or isinstance(getattr(type(self), name, None), property):
+            # The view's own settable attributes (fast_params, track_higher_grads): higher
+            # lets users assign them.
             object.__setattr__(self, name, value)
         else:
             raise AttributeError(
