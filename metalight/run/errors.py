@@ -7,6 +7,7 @@ import re
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
+from metalight.lightning.checkpoint_io import DiskFullError
 from metalight.lightning.module import NonFiniteError
 
 __all__ = ["ConfigError", "format_error", "is_user_error"]
@@ -28,6 +29,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     NotADirectoryError,
+    IsADirectoryError,
+    DiskFullError,
     NonFiniteError,
 )
 _MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^']+)'")

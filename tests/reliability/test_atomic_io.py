@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from metalight.data import SinusoidDataModule
 from metalight.lightning.checkpoint_io import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
+    DiskFullError,
     _atomic_write_with,
     atomic_write,
+    load_checkpoint_file,
 )
 from metalight.models import MLP
 from metalight.run.resources import make_run_dir
@@ -110,8 +113,11 @@ def test_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_p
         f.write(b"PK\x03\x04" + bytes(1000))
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        DiskFullError, match=r"no space left on the device writing .*step=5\.ckpt \("
+    ) as err:
         _atomic_write_with(path, disk_full)
+    assert err.value.errno == 28 and "previous version, if any, is intact" in str(err.value)
     with pytest.raises(AttributeError, match=r"Can't (pickle|get) local object"):
         io.save_checkpoint({"step": 10, "w": torch.ones(4), "bad": lambda: 0}, path)
     with pytest.raises(TypeError, match="takes no storage_options"):
@@ -187,3 +193,73 @@ def test_an_existing_run_directory_is_never_reused(tmp_path: Path) -> None:
     new = make_run_dir(tmp_path, "run")
     assert new == tmp_path / "run_1" and not any(new.iterdir())
     assert (old / "last.ckpt").read_bytes() == b"previous run"
+
+
+def _saved(path: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.arange(64.0)}, "global_step": 3}, path)
+    return path
+
+
+def _rewrite_member(path: Path, member_suffix: str, data: bytes) -> None:
+    """Replaces one member of the archive, with a correct checksum for the new bytes."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, blob in members:
+            archive.writestr(name, data if name.endswith(member_suffix) else blob)
+
+
+def test_bit_rot_in_tensor_data_is_caught_by_the_checksums(tmp_path: Path) -> None:
+    path = _saved(tmp_path / "last.ckpt")
+    with zipfile.ZipFile(path) as archive:
+        (info,) = [i for i in archive.infolist() if i.filename.endswith("/data/0")]
+    blob = bytearray(path.read_bytes())
+    # Stored uncompressed: the tensor's bytes follow the 30-byte local header, name and extra.
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 28)
+        extra_len = int.from_bytes(f.read(2), "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + extra_len
+    blob[start + 4 * 10 + 3] ^= 0x01  # one flipped bit in w[10]
+    path.write_bytes(bytes(blob))
+    # The contrast: torch.load never checks, and returns a silently changed weight.
+    rotten = torch.load(path, weights_only=True)["state_dict"]["w"]
+    assert not torch.equal(rotten, torch.arange(64.0))
+    assert torch.equal(rotten[:10], torch.arange(10.0))
+    for load in (load_checkpoint_file, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CorruptCheckpointError) as err:
+            load(path)
+        message = str(err.value)
+        assert f"checkpoint file {path} is damaged: " in message
+        assert "/data/0 fails its CRC" in message
+        assert "\n" not in message
+
+
+def test_a_corrupt_pickle_never_advises_unsafe_loading(tmp_path: Path) -> None:
+    path = _saved(tmp_path / "last.ckpt")
+    # A well-formed archive (correct checksums) whose pickle names a global that is not allowed.
+    _rewrite_member(path, "/data.pkl", pickle.dumps(Path("x"), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="`weights_only` set to `False`"):
+        torch.load(path, weights_only=True)
+    garbage = _saved(tmp_path / "garbage.ckpt")
+    _rewrite_member(garbage, "/data.pkl", b"\x80\x02garbage that is no pickle")
+    for bad in (path, garbage):
+        for load in (load_checkpoint_file, AtomicCheckpointIO().load_checkpoint):
+            with pytest.raises(CorruptCheckpointError) as err:
+                load(bad)
+            message = str(err.value)
+            assert message.startswith(f"checkpoint file {bad} is damaged or not a checkpoint: ")
+            assert "weights_only" not in message and "\n" not in message
+            assert "trust" not in message and "Weights only" not in message
+
+
+def test_another_zip_and_a_directory_are_named_as_such(tmp_path: Path) -> None:
+    other = tmp_path / "notes.ckpt"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(CorruptCheckpointError, match=r"is a zip archive but not a torch\.save"):
+        load_checkpoint_file(other)
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file; give a"):
+        load_checkpoint_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "missing.ckpt")
+    assert load_checkpoint_file(_saved(tmp_path / "good.ckpt"))["global_step"] == 3
