@@ -127,18 +127,39 @@ class IMAML(MetaLearningModule):
             ]
         )
         support_loss = self.inner_loss(forward(task.support_x), task.support_y, task)
-        support_grads = torch.autograd.grad(support_loss, targets, create_graph=True)
-        flat_grads = torch.cat([g.reshape(-1) for g in support_grads])
+        # A weight unused by the loss has no gradient (None): its Hessian rows are zero.
+        support_grads = torch.autograd.grad(
+            support_loss, targets, create_graph=True, allow_unused=True
+        )
+        connected = [g is not None for g in support_grads]
+        if not any(connected):
+            return query_loss.detach(), [None] * len(meta_params)
+        flat_grads = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(t)).reshape(-1)
+                for g, t in zip(support_grads, targets, strict=True)
+            ]
+        )
 
         def matvec(v: Tensor) -> Tensor:
-            hv = torch.autograd.grad(flat_grads, targets, grad_outputs=v, retain_graph=True)
-            return v + torch.cat([h.reshape(-1) for h in hv]) / self.reg_lambda
+            hv = torch.autograd.grad(
+                flat_grads, targets, grad_outputs=v, retain_graph=True, allow_unused=True
+            )
+            flat_hv = torch.cat(
+                [
+                    (h if h is not None else torch.zeros_like(t)).reshape(-1)
+                    for h, t in zip(hv, targets, strict=True)
+                ]
+            )
+            return v + flat_hv / self.reg_lambda
 
         solution = conjugate_gradient(matvec, b.detach(), self.cg_steps) * scale
         per_param: dict[int, Tensor] = {}
         offset = 0
-        for i, t in zip(adapted, targets, strict=True):
-            per_param[i] = solution[offset : offset + t.numel()].view_as(t)
+        for i, t, q, sg in zip(adapted, targets, query_grads, support_grads, strict=True):
+            # Used by neither loss: no meta-gradient (None, as plain torch would leave it).
+            if q is not None or sg is not None:
+                per_param[i] = solution[offset : offset + t.numel()].view_as(t)
             offset += t.numel()
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         grads = [per_param.get(index.get(id(p), -1)) for p in meta_params]

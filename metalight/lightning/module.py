@@ -265,6 +265,8 @@ class MetaLearningModule(L.LightningModule):
             )
         self.vectorize_tasks = vectorize_tasks
         self._vectorized: bool | None = None
+        # Under DDP: which meta-parameters got a meta-gradient since the last optimizer step.
+        self._used_meta_params: list[bool] | None = None
         if vectorize_tasks is True:
             from metalight.vectorized import check_vectorizable
 
@@ -709,19 +711,46 @@ class MetaLearningModule(L.LightningModule):
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return int(counts[0].item()), int(counts[1].item())
 
-    @staticmethod
     def _surrogate(
-        meta_params: list[nn.Parameter], grads: list[Tensor | None], value: Tensor
+        self, meta_params: list[nn.Parameter], grads: list[Tensor | None], value: Tensor
     ) -> Tensor:
         # d/dp of sum(p * g) is g: one backward (one DDP all-reduce) applies the meta-gradient
-        # gathered task by task, and every meta-parameter takes part, so DDP never sees an
-        # unused parameter. The returned value is the meta-loss, for logging.
+        # gathered task by task. The returned value is the meta-loss, for logging.
+        # A parameter with no meta-gradient (None: unused by the loss) stays out of the
+        # graph, so its .grad stays None as in plain torch, and torch.optim skips it (no
+        # weight decay, no momentum drift). Under DDP every parameter must take part in the
+        # backward (the reducer waits for each), so it gets a zero there, and
+        # on_before_optimizer_step turns back to None what no rank used.
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:
+            used = [g is not None for g in grads]
+            self._used_meta_params = (
+                used
+                if self._used_meta_params is None
+                else [a or b for a, b in zip(self._used_meta_params, used, strict=True)]
+            )
         terms = [
             (p * (g if g is not None else torch.zeros_like(p)).to(p.dtype)).sum()
             for p, g in zip(meta_params, grads, strict=True)
+            if g is not None or distributed
         ]
-        surrogate = torch.stack([t.float() for t in terms]).sum()
+        if not terms:  # nothing to learn from this batch: the optimizer skips every parameter
+            surrogate = torch.zeros((), device=value.device, requires_grad=True)
+        else:
+            surrogate = torch.stack([t.float() for t in terms]).sum()
         return surrogate + (value.float() - surrogate.detach())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        used, self._used_meta_params = self._used_meta_params, None
+        if used is None:
+            return
+        # Parameters used on no rank in any batch of this (accumulated) step.
+        flags = torch.tensor([float(u) for u in used], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        for p, flag in zip(self.meta_parameters(), flags.tolist(), strict=True):
+            if flag == 0:
+                p.grad = None
 
     def _warn_skipped(self, index: int, batch_idx: int, err: Exception) -> None:
         self._warn(f"skipping task {index} of batch {batch_idx}: {err}")
