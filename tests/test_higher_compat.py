@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import pytest
@@ -11,6 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import metalight as higher
+from metalight.optim import registry
+
+
+@pytest.fixture(autouse=True)
+def _restore_optimizer_registry() -> Iterator[None]:
+    """Registrations made by a test do not leak into the next one."""
+    saved = registry.registered_optimizers()
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def make_data(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -236,14 +247,155 @@ def test_per_step_override_and_grad_callbacks() -> None:
         after = list(fmodel.parameters())
         for b, a in zip(before, after, strict=True):
             assert (b - a).abs().max() <= 0.1 * 0.01 + 1e-12
+        # A zero learning rate alone freezes the weights (the constructor's callback runs).
+        diffopt.step(F.mse_loss(fmodel(xs), ys), override={"lr": [0.0]})
+        for a, b in zip(after, fmodel.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # A zeroing callback alone freezes them too, at a nonzero learning rate.
         diffopt.step(
             F.mse_loss(fmodel(xs), ys),
-            override={"lr": [0.0]},
+            override={"lr": [0.1]},
             grad_callback=lambda gs: [g * 0 for g in gs],
         )
         for a, b in zip(after, fmodel.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert seen == [4, 4]
+
+
+def sgd_reference(
+    model: nn.Module,
+    lrs: list[object],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    first_order: Callable[[int], bool] = lambda step: False,
+) -> list[torch.Tensor]:
+    """Hand-written differentiable SGD unroll from ``model``'s own parameters."""
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    for step, (lr, (xs, ys)) in enumerate(zip(lrs, data, strict=True)):
+        out = torch.func.functional_call(model, dict(zip(names, params)), (xs,))
+        grads = torch.autograd.grad(F.mse_loss(out, ys), params, create_graph=not first_order(step))
+        params = [p - lr * g for p, g in zip(params, grads, strict=True)]  # type: ignore[operator]
+    return params
+
+
+def test_per_step_override_is_applied_and_kept() -> None:
+    model = make_model(11)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = make_data(3, seed=11)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ref_lr = lr.detach().clone().requires_grad_()
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(data[0][0]), data[0][1]), override={"lr": [0.3]})
+        # higher's semantics: an override holds for later steps too.
+        diffopt.step(F.mse_loss(fmodel(data[1][0]), data[1][1]))
+        assert diffopt.param_groups[0]["lr"] == 0.3
+        diffopt.step(F.mse_loss(fmodel(data[2][0]), data[2][1]), override={"lr": lr})
+        meta = F.mse_loss(fmodel(data[0][0]), data[0][1])
+        got = torch.autograd.grad(meta, [*model.parameters(), lr])
+        want_params = sgd_reference(ref, [0.3, 0.3, ref_lr], data)
+        for a, b in zip(fmodel.parameters(), want_params, strict=True):
             torch.testing.assert_close(a, b)
-    assert seen == [4]
+    ref_meta = F.mse_loss(
+        torch.func.functional_call(
+            ref, dict(zip([n for n, _ in ref.named_parameters()], want_params)), (data[0][0],)
+        ),
+        data[0][1],
+    )
+    want = torch.autograd.grad(ref_meta, [*ref.parameters(), ref_lr])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "policy", [{}, {"checkpoint": True}, {"truncate": 1}, {"first_order": True}], ids=str
+)
+def test_unroll_with_a_per_step_override_function(policy: dict) -> None:
+    model = make_model(12)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = make_data(1, seed=12)[0]
+    lrs = torch.tensor([0.1, 0.3, 0.05], dtype=torch.float64, requires_grad=True)
+    ref_lrs = lrs.detach().clone().requires_grad_()
+    calls: list[int] = []
+
+    def per_step(step: int) -> dict[str, list[torch.Tensor]]:
+        calls.append(step)
+        return {"lr": [lrs[step]]}
+
+    ctx = higher.innerloop_ctx(model, opt, copy_initial_weights=False, **policy)
+    with ctx as (fmodel, diffopt):
+        diffopt.unroll(lambda p: F.mse_loss(fmodel(xs, params=p), ys), 3, override=per_step)
+        meta = F.mse_loss(fmodel(xs), ys)
+    got = torch.autograd.grad(meta, [*model.parameters(), lrs])
+    assert calls == [0, 1, 2]
+
+    def first_order(step: int) -> bool:
+        return policy.get("first_order", False) or step < 3 - policy.get("truncate", 3)
+
+    params = sgd_reference(ref, list(ref_lrs), [(xs, ys)] * 3, first_order)
+    names = [n for n, _ in ref.named_parameters()]
+    ref_meta = F.mse_loss(torch.func.functional_call(ref, dict(zip(names, params)), (xs,)), ys)
+    want = torch.autograd.grad(ref_meta, [*ref.parameters(), ref_lrs])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_optimizer_meta_gradients_match_a_hand_written_unroll() -> None:
+    model = make_model(13)
+    ref = copy.deepcopy(model)
+    higher.register_optim(SignSGD, DifferentiableSignSGD)
+    opt = SignSGD(model.parameters(), lr=0.05, wd=0.01)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    ref_lr = lr.detach().clone().requires_grad_()
+    data = make_data(3, seed=13)
+    ctx = higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]})
+    with ctx as (fmodel, diffopt):
+        for xs, ys in data:
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+        F.mse_loss(fmodel(data[0][0]), data[0][1]).backward()
+
+    names = [n for n, _ in ref.named_parameters()]
+    params = list(ref.parameters())
+    for xs, ys in data:
+        out = torch.func.functional_call(ref, dict(zip(names, params)), (xs,))
+        grads = torch.autograd.grad(F.mse_loss(out, ys), params, create_graph=True)
+        params = [
+            p - ref_lr * (g + 0.01 * p) / (g.abs() + 1) for p, g in zip(params, grads, strict=True)
+        ]
+    out = torch.func.functional_call(ref, dict(zip(names, params)), (data[0][0],))
+    F.mse_loss(out, data[0][1]).backward()
+    for a, b in zip([*model.parameters(), lr], [*ref.parameters(), ref_lr], strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_registration_is_found_through_subclasses() -> None:
+    class QuietSignSGD(SignSGD):
+        """Same update, another class: the base's registration applies."""
+
+    class OtherSignSGD(SignSGD):
+        def step(self, closure: object = None) -> None:  # type: ignore[override]
+            raise NotImplementedError
+
+    class DifferentiableQuiet(DifferentiableSignSGD):
+        pass
+
+    model = make_model(14)
+    for cls in (SignSGD, QuietSignSGD):
+        with pytest.raises(ValueError, match=rf"no differentiable version of {cls.__name__}"):
+            higher.get_diff_optim(cls(model.parameters()), model.parameters())
+    higher.register_optim(SignSGD, DifferentiableSignSGD)
+    found = higher.get_diff_optim(QuietSignSGD(model.parameters()), model.parameters())
+    assert type(found) is DifferentiableSignSGD
+    # A subclass with its own step() is another algorithm: the base's twin would be wrong.
+    with pytest.raises(ValueError, match="no differentiable version of OtherSignSGD"):
+        higher.get_diff_optim(OtherSignSGD(model.parameters()), model.parameters())
+    # A subclass's own registration wins over its base's.
+    higher.register_optim(QuietSignSGD, DifferentiableQuiet)
+    found = higher.get_diff_optim(QuietSignSGD(model.parameters()), model.parameters())
+    assert type(found) is DifferentiableQuiet
+    assert higher.optim.differentiable_class(SignSGD) is DifferentiableSignSGD
 
 
 def test_utils_helpers_walk_containers_like_higher() -> None:

@@ -197,14 +197,27 @@ def create_diff_optim(
     )
 
 
-def _to_tensor(value: Any, device: torch.device | str | None) -> Any:
+def _to_tensor(value: Any, like: Tensor | None, device: torch.device | str | None) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, numbers.Real):
-        return torch.tensor(float(value), device=device, requires_grad=True)
+        if like is None:
+            return torch.tensor(float(value), device=device, requires_grad=True)
+        # The hyperparameter follows its parameters: a float32 learning rate would turn a
+        # float64 unroll's updates (and their meta-gradients) into float32 arithmetic.
+        dtype = like.real.dtype if like.is_complex() else like.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.get_default_dtype()
+        where = like.device if device is None else device
+        return torch.tensor(float(value), dtype=dtype, device=where, requires_grad=True)
     if isinstance(value, tuple):
-        return tuple(_to_tensor(v, device) for v in value)
+        return tuple(_to_tensor(v, like, device) for v in value)
     return value
+
+
+def _first_tensor(group: Mapping[str, Any]) -> Tensor | None:
+    # A differentiable optimizer's groups hold None until its first step.
+    return next((p for p in group.get("params", []) if isinstance(p, Tensor)), None)
 
 
 def get_trainable_opt_params(
@@ -214,21 +227,25 @@ def get_trainable_opt_params(
 
     The result is an ``override`` for :func:`get_diff_optim` / ``innerloop_ctx``: learn
     inner learning rates (or momenta, betas) by putting these tensors in the outer optimizer.
+    Each tensor takes the dtype and device of its group's parameters (a float64 model gets
+    float64 hyperparameters); ``device`` overrides the device.
 
     Example:
         >>> import torch
         >>> import metalight
-        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> override = metalight.optim.get_trainable_opt_params(opt)
-        >>> override["lr"][0].requires_grad
-        True
+        >>> override["lr"][0].requires_grad, override["lr"][0].dtype
+        (True, torch.float64)
     """
     override: dict[str, list[Any]] = {}
     for group in opt.param_groups:
+        like = _first_tensor(group)
         for key, value in group.items():
             if key in _NOT_LEARNABLE:
                 continue
-            converted = _to_tensor(value, device)
+            converted = _to_tensor(value, like, device)
             leaves = converted if isinstance(converted, tuple) else (converted,)
             if all(isinstance(v, Tensor) for v in leaves):
                 override.setdefault(key, []).append(converted)
