@@ -9,6 +9,7 @@ Example:
     torch.Size([4, 5, 1])
 """
 
+from metalight.data._images import IMAGE_EXTENSIONS
 from metalight.data.datamodule import (
     EpisodicDataModule,
     ImageFolderDataModule,
@@ -19,6 +20,13 @@ from metalight.data.datamodule import (
 )
 from metalight.data.dataset import DatasetSplits, FewShotDataset
 from metalight.data.download import download_file, md5sum
+from metalight.data.episodes import (
+    ClassFolder,
+    EpisodesDataModule,
+    FixedEpisodes,
+    list_images,
+    read_class_folders,
+)
 from metalight.data.image_folder import ImageFolder
 from metalight.data.mini_imagenet import MINI_IMAGENET_SPLITS, MiniImageNet
 from metalight.data.omniglot import (
@@ -40,25 +48,32 @@ from metalight.data.streams import (
     seed_worker,
 )
 from metalight.data.task import Task, TaskBatch
+from metalight.data.transforms import ImageTransform, OmniglotTransform, to_float
 
 __all__ = [
     "DEFAULT_EVAL_SEED",
+    "IMAGE_EXTENSIONS",
     "MINI_IMAGENET_SPLITS",
     "OMNIGLOT_MD5",
     "OMNIGLOT_SETS",
     "OMNIGLOT_URL",
+    "ClassFolder",
     "ClassIndexedDataset",
     "DatasetSplits",
+    "EpisodesDataModule",
     "EpisodicDataModule",
     "EpisodicSampler",
     "EvalTaskStream",
     "FewShotDataset",
+    "FixedEpisodes",
     "ImageFolder",
     "ImageFolderDataModule",
+    "ImageTransform",
     "MiniImageNet",
     "MiniImageNetDataModule",
     "Omniglot",
     "OmniglotDataModule",
+    "OmniglotTransform",
     "SinusoidDataModule",
     "SinusoidTasks",
     "Task",
@@ -71,6 +86,9 @@ __all__ = [
     "download_file",
     "download_omniglot",
     "draw_task",
+    "list_images",
     "md5sum",
+    "read_class_folders",
     "seed_worker",
+    "to_float",
 ]

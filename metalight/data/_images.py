@@ -22,6 +22,7 @@ __all__ = [
     "decode_images",
     "load_image_files",
     "normalize_size",
+    "pil_to_tensor",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -68,16 +69,35 @@ def decode_image(
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-            width, height = img.size
-            raw = bytearray(img.tobytes())
+            return pil_to_tensor(img, size, channels, invert)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ValueError(
             f"cannot decode image file {name}: {err}. The file is corrupt or not an image; "
             "replace or delete it."
         ) from err
+
+
+def pil_to_tensor(
+    img: Image.Image, size: tuple[int, int] | None, channels: int, invert: bool = False
+) -> Tensor:
+    """Converts an opened PIL image as :func:`decode_image` does (the one code path both use).
+
+    Args:
+        img: The image, in any PIL mode.
+        size: ``(height, width)`` to resize to (antialiased Lanczos), or ``None``.
+        channels: 1 (grayscale) or 3 (RGB).
+        invert: Store ``255 - value``.
+
+    Returns:
+        A uint8 ``[channels, H, W]`` tensor.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    width, height = img.size
+    raw = bytearray(img.tobytes())
     x = torch.frombuffer(raw, dtype=torch.uint8).view(height, width, channels)
     x = x.permute(2, 0, 1).contiguous()
     return 255 - x if invert else x

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from metalight.data._validation import check_positive
+from metalight.data._validation import DataArgumentError, check_positive
 from metalight.data.dataset import FewShotDataset
 from metalight.data.image_folder import ImageFolder
 from metalight.data.mini_imagenet import MiniImageNet
@@ -23,6 +23,7 @@ from metalight.data.streams import (
     TrainTaskStream,
     derive_seed,
 )
+from metalight.data.transforms import ImageTransform, OmniglotTransform
 
 __all__ = [
     "EpisodicDataModule",
@@ -112,6 +113,21 @@ class TaskDataModule(pl.LightningDataModule):
         if self.samplers is None:
             self.samplers = self.build_samplers()
 
+    def split_names(self) -> tuple[str, ...]:
+        """The splits that have data, among ``("train", "val", "test")``.
+
+        Loads the data (once: the later ``setup`` of a Trainer reuses it), so that a run can
+        learn before training whether there is anything to validate or test on.
+        """
+        self.setup()
+        assert self.samplers is not None
+        return tuple(split for split in _SPLITS if split in self.samplers)
+
+    @property
+    def transform(self) -> ImageTransform | None:
+        """The transform of this data's images (``None`` for data that are not images)."""
+        return None
+
     @property
     def rank_and_world_size(self) -> tuple[int, int]:
         """``(global_rank, world_size)`` of the attached trainer, or ``(0, 1)``."""
@@ -198,10 +214,11 @@ class TaskDataModule(pl.LightningDataModule):
     def _required_eval_stream(self, split: str) -> EvalTaskStream:
         stream = self.eval_stream(split)
         if stream is None:
-            hint = "limit_val_batches=0" if split == "val" else "not calling trainer.test"
-            raise ValueError(
+            hint = "Trainer(limit_val_batches=0)" if split == "val" else "not calling test"
+            raise DataArgumentError(
                 f"{type(self).__name__} has no {split} split; pass {split} data, or skip it "
-                f"({hint})."
+                f"({hint}).",
+                {"limit_val_batches": 0} if split == "val" else {},
             )
         return stream
 
@@ -248,12 +265,12 @@ class TaskDataModule(pl.LightningDataModule):
             if changed:
                 then = ", ".join(f"{k}={saved[k]}" for k in changed)
                 now = ", ".join(f"{k}={current[k]}" for k in changed)
-                raise ValueError(
+                raise DataArgumentError(
                     f"the checkpoint's training tasks were drawn with {then}, this run has "
                     f"{now}: resuming would not continue the same stream of tasks. Resume with "
-                    f"the checkpoint's values (on the command line: seed=..., "
-                    f"data.meta_batch_size=..., data.train_batches_per_epoch=...), or start a "
-                    f"new run (without ckpt_path)"
+                    f"the checkpoint's values ({then}), or start a new run without the "
+                    f"checkpoint",
+                    {k: saved[k] for k in changed},
                 )
         state = {"epoch": int(state_dict["epoch"]), "next_batch": int(state_dict["next_batch"])}
         if self._train_stream is not None:
@@ -428,14 +445,19 @@ class OmniglotDataModule(EpisodicDataModule):
         sets: Omniglot sets to merge (see :class:`~metalight.data.omniglot.Omniglot`).
         image_size: Image side (28 by default).
         split: ``"character"`` (seeded shuffle of characters) or ``"alphabet"``.
-        num_train_characters: Characters for training with ``split="character"``.
+        num_train_characters: Characters for training with ``split="character"``;
+            ``None`` for all the characters not held out for validation (then nothing is
+            left for testing).
         num_val_characters: Characters for validation with ``split="character"`` (the rest
-            are for testing).
+            are for testing); 0 for no validation.
         split_seed: Seed of the character shuffle (not the training seed, so the split is
             the same in every run).
-        train_alphabets: Alphabet names for training with ``split="alphabet"``.
-        val_alphabets: Alphabet names for validation with ``split="alphabet"``.
-        test_alphabets: Alphabet names for testing with ``split="alphabet"``.
+        train_alphabets: Alphabet names for training with ``split="alphabet"``; ``None``
+            for every alphabet not listed for validation or testing.
+        val_alphabets: Alphabet names for validation with ``split="alphabet"``; ``[]`` for
+            no validation.
+        test_alphabets: Alphabet names for testing with ``split="alphabet"``; ``[]`` for no
+            test.
         train_rotations: Add 90/180/270-degree rotations as new training classes.
         eval_rotations: Add them to the validation and test classes too.
         download: Download the official zips if missing (in ``prepare_data``).
@@ -443,8 +465,16 @@ class OmniglotDataModule(EpisodicDataModule):
         **kwargs: :class:`EpisodicDataModule` arguments (``ways``, ``shots``, ``queries``,
             ``meta_batch_size``, ``seed``, ...).
 
+    Training on every character, with no held-out split (validation and test are then
+    absent; ``metalight train`` skips them and says so)::
+
+        OmniglotDataModule(root, num_train_characters=None, num_val_characters=0)
+        OmniglotDataModule(root, split="alphabet", val_alphabets=[], test_alphabets=[])
+
     Example:
         >>> dm = OmniglotDataModule("data/omniglot", download=True)  # doctest: +SKIP
+        >>> dm.transform  # what a new character image must go through
+        OmniglotTransform(image_size=28, channels=1, invert=True)
     """
 
     def __init__(
@@ -454,7 +484,7 @@ class OmniglotDataModule(EpisodicDataModule):
         sets: Sequence[str] = OMNIGLOT_SETS,
         image_size: int | None = 28,
         split: str = "character",
-        num_train_characters: int = 1200,
+        num_train_characters: int | None = 1200,
         num_val_characters: int = 100,
         split_seed: int = 0,
         train_alphabets: Sequence[str] | None = None,
@@ -470,10 +500,17 @@ class OmniglotDataModule(EpisodicDataModule):
         if split not in ("character", "alphabet"):
             raise ValueError(f"split must be 'character' or 'alphabet', got {split!r}.")
         alphabets = (train_alphabets, val_alphabets, test_alphabets)
-        if split == "alphabet" and any(a is None for a in alphabets):
+        if split == "alphabet" and (val_alphabets is None or test_alphabets is None):
             raise ValueError(
-                "split='alphabet' needs train_alphabets, val_alphabets and test_alphabets "
-                "(lists of alphabet names)."
+                "split='alphabet' needs val_alphabets and test_alphabets (lists of alphabet "
+                "names; [] for none) and takes train_alphabets (null: all the others)."
+            )
+        bad_train = num_train_characters is not None and num_train_characters < 1
+        if split == "character" and (bad_train or num_val_characters < 0):
+            raise ValueError(
+                f"num_train_characters must be >= 1 or null (all the characters not held "
+                f"out) and num_val_characters >= 0, got {num_train_characters} and "
+                f"{num_val_characters}."
             )
         self.root = root
         self.sets = [sets] if isinstance(sets, str) else list(sets)
@@ -482,7 +519,7 @@ class OmniglotDataModule(EpisodicDataModule):
         self.num_train_characters = num_train_characters
         self.num_val_characters = num_val_characters
         self.split_seed = split_seed
-        self.alphabet_lists = [list(a or []) for a in alphabets]
+        self.alphabet_lists = [None if a is None else list(a) for a in alphabets]
         self.train_rotations = train_rotations
         self.eval_rotations = eval_rotations
         self.download = download
@@ -504,7 +541,11 @@ class OmniglotDataModule(EpisodicDataModule):
                 self.num_train_characters, self.num_val_characters, self.split_seed
             )
         else:
-            splits = full.split_by_alphabet(*self.alphabet_lists)
+            train_names, val_names, test_names = self.alphabet_lists
+            held_out = set(val_names or []) | set(test_names or [])
+            if train_names is None:
+                train_names = [a for a in full.alphabets if a not in held_out]
+            splits = full.split_by_alphabet(train_names, val_names or [], test_names or [])
         train, val, test = splits
         if self.train_rotations:
             train = train.with_rotations()
@@ -518,6 +559,11 @@ class OmniglotDataModule(EpisodicDataModule):
                 k: v.with_rotations() if v is not None else None for k, v in evaluation.items()
             }
         return {"train": train, **evaluation}
+
+    @property
+    def transform(self) -> ImageTransform:
+        """What every Omniglot image went through; apply it to new character images."""
+        return OmniglotTransform(self.image_size)
 
 
 class ImageFolderDataModule(EpisodicDataModule):
@@ -556,6 +602,11 @@ class ImageFolderDataModule(EpisodicDataModule):
         self.invert = invert
         self.cache_dir = cache_dir
 
+    @property
+    def transform(self) -> ImageTransform:
+        """What every image of the folders went through; apply it to new images."""
+        return ImageTransform(self.image_size, self.channels, self.invert)
+
     def load_datasets(self) -> dict[str, FewShotDataset | None]:
         """Decodes each split's folder."""
         return {
@@ -593,6 +644,11 @@ class MiniImageNetDataModule(EpisodicDataModule):
         self.root = root
         self.image_size = image_size
         self.cache_dir = cache_dir
+
+    @property
+    def transform(self) -> ImageTransform:
+        """What every mini-ImageNet image went through; apply it to new images."""
+        return ImageTransform(self.image_size, channels=3)
 
     def load_datasets(self) -> dict[str, FewShotDataset | None]:
         """Decodes the three splits."""

@@ -6,8 +6,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from metalight.data._images import IMAGE_EXTENSIONS, load_image_files, normalize_size
+from metalight.data._images import IMAGE_EXTENSIONS, load_image_files
 from metalight.data.dataset import FewShotDataset
+from metalight.data.transforms import ImageTransform
 
 __all__ = ["ImageFolder"]
 
@@ -27,6 +28,10 @@ class ImageFolder(FewShotDataset):
         invert: Store ``1 - value`` (dark strokes on white become 1, as for Omniglot).
         extensions: File name endings that count as images (case-insensitive).
         cache_dir: Optional folder for a decoded-tensor cache reused across runs.
+
+    Attributes:
+        transform: The :class:`~metalight.data.transforms.ImageTransform` every image went
+            through; apply it to a new image to get what the model saw.
 
     Raises:
         FileNotFoundError: If ``root`` does not exist.
@@ -48,6 +53,7 @@ class ImageFolder(FewShotDataset):
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         root = Path(root).expanduser()
+        transform = ImageTransform(image_size, channels, invert)
         if not root.is_dir():
             raise FileNotFoundError(
                 f"image folder root {root} does not exist; expected a folder laid out as "
@@ -79,11 +85,12 @@ class ImageFolder(FewShotDataset):
             files,
             targets,
             [p.name for p in class_dirs],
-            size=normalize_size(image_size),
-            channels=channels,
-            invert=invert,
+            size=transform.size,
+            channels=transform.channels,
+            invert=transform.invert,
             cache_dir=cache_dir,
             prefix="image_folder",
         )
         super().__init__(loaded["data"], loaded["targets"], loaded["class_names"])
         self.root = root
+        self.transform = transform

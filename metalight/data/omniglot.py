@@ -6,14 +6,16 @@ import contextlib
 import hashlib
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from metalight.data._images import cached_tensors, decode_images, normalize_size
+from metalight.data._images import cached_tensors, decode_images
 from metalight.data.dataset import DatasetSplits, FewShotDataset
 from metalight.data.download import download_file
+from metalight.data.transforms import OmniglotTransform
 
 __all__ = [
     "OMNIGLOT_MD5",
@@ -84,10 +86,15 @@ class Omniglot(FewShotDataset):
             repository first. Nothing is downloaded otherwise.
         cache_dir: Optional folder for a decoded-tensor cache reused across runs.
 
+    Attributes:
+        transform: The :class:`~metalight.data.transforms.OmniglotTransform` every image went
+            through; apply it to a new character image to get what the model saw.
+
     Raises:
         FileNotFoundError: If ``root`` or a set is missing (the message lists the files
             looked for and how to get them).
-        ValueError: If a set holds no PNG files or an image cannot be decoded.
+        ValueError: If a set holds no PNG files, a zip is truncated or corrupt, or an
+            image cannot be decoded (each message names the file and what to do).
 
     Example:
         >>> ds = Omniglot("data/omniglot", download=True)  # doctest: +SKIP
@@ -107,7 +114,8 @@ class Omniglot(FewShotDataset):
         set_names = [sets] if isinstance(sets, str) else list(sets)
         if not set_names:
             raise ValueError("sets is empty; pass at least one Omniglot set name.")
-        size = normalize_size(image_size)
+        transform = OmniglotTransform(image_size)
+        size = transform.size
         if download:
             download_omniglot(root, [s for s in set_names if not _find_set(root, s)])
         _check_present(root, set_names)
@@ -127,13 +135,16 @@ class Omniglot(FewShotDataset):
                 keys = sorted(classes)
                 sources = [(name, read) for k in keys for name, _, read in classes[k]]
                 targets = [c for c, k in enumerate(keys) for _ in classes[k]]
-                data = decode_images(sources, size, channels=1, invert=True)
+                data = decode_images(
+                    sources, size, channels=transform.channels, invert=transform.invert
+                )
                 return {"data": data, "targets": torch.tensor(targets), "class_names": keys}
 
             loaded = cached_tensors(cache_dir, "omniglot", key, build)
         super().__init__(loaded["data"], loaded["targets"], loaded["class_names"])
         self.root = root
         self.sets = set_names
+        self.transform = transform
 
     @property
     def class_alphabets(self) -> list[str]:
@@ -185,28 +196,45 @@ class Omniglot(FewShotDataset):
         return DatasetSplits(*parts)
 
     def split_by_character(
-        self, num_train: int = 1200, num_val: int = 100, seed: int = 0
+        self, num_train: int | None = 1200, num_val: int = 100, seed: int = 0
     ) -> DatasetSplits:
         """Splits classes by character: a seeded shuffle, then train, val and test in turn.
 
         With the full dataset (1623 characters) the defaults give the common protocol of 1200
         training characters, the remaining 423 being split into 100 for validation and 323
-        for testing (``num_train=1100`` gives MAML's 1100/100/423 instead).
+        for testing (``num_train=1100`` gives MAML's 1100/100/423 instead). ``num_val=0``
+        leaves no validation characters and ``num_train=None`` trains on every character not
+        held out for validation (no test characters): ``split_by_character(None, 0)`` trains
+        on all of them.
 
         Args:
-            num_train: Characters for training (the first of the shuffle).
-            num_val: Characters for validation (the next ones); the rest are for testing.
+            num_train: Characters for training (the first of the shuffle); ``None`` for all
+                those not taken for validation.
+            num_val: Characters for validation (the next ones), 0 for none; the rest are for
+                testing.
             seed: Seed of the shuffle, independent of any training seed.
 
+        Returns:
+            The three splits; a split without characters is an empty dataset
+            (``num_classes == 0``).
+
         Raises:
-            ValueError: If a split would be empty.
+            ValueError: If training would get no character, or the counts exceed the total.
+
+        Example:
+            >>> train, val, test = ds.split_by_character(None, 0)  # doctest: +SKIP
+            >>> train.num_classes == ds.num_classes, test.num_classes  # doctest: +SKIP
+            (True, 0)
         """
         total = self.num_classes
-        if num_train <= 0 or num_val <= 0 or num_train + num_val >= total:
+        if num_train is None:
+            num_train = total - num_val
+        if num_train <= 0 or num_val < 0 or num_train + num_val > total:
             raise ValueError(
                 f"cannot split {total} characters into {num_train} train, {num_val} val and "
-                f"{total - num_train - num_val} test; each split needs at least one class, so "
-                f"choose num_train + num_val < {total} with both positive."
+                f"{total - num_train - num_val} test; choose num_train >= 1 and num_val >= 0 "
+                f"with num_train + num_val <= {total} (num_train=None trains on all the "
+                "characters not held out for validation)."
             )
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
         chunks = (
@@ -259,7 +287,7 @@ def _scan(
         assert source is not None
         found: dict[str, list[_Entry]] = {}
         if source.is_file():
-            archive = stack.enter_context(zipfile.ZipFile(source))
+            archive = stack.enter_context(_open_zip(source))
             for info in archive.infolist():
                 parts = info.filename.split("/")
                 if _is_image_path(parts):
@@ -293,5 +321,34 @@ def _is_image_path(parts: list[str], min_depth: int = 3) -> bool:
     )
 
 
+def _damaged(path: Path, err: BaseException) -> ValueError:
+    size = path.stat().st_size if path.is_file() else 0
+    what = "is empty (0 bytes)" if size == 0 else f"is damaged ({size} bytes: {err})"
+    name = path.name.removesuffix(".zip")
+    fix = (
+        " (once it is deleted, download=True or data.download=true fetches it)"
+        if name in OMNIGLOT_MD5
+        else " from the python/ folder of https://github.com/brendenlake/omniglot"
+    )
+    return ValueError(
+        f"Omniglot zip file {path} {what}: a truncated or corrupt download. Delete it and "
+        f"download it again{fix}."
+    )
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise _damaged(path, err) from err
+
+
 def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
-    return lambda: archive.read(info)
+    def read() -> bytes:
+        try:
+            return archive.read(info)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+            # A zip cut short can still list its members; reading one then fails.
+            raise _damaged(Path(str(archive.filename)), err) from err
+
+    return read

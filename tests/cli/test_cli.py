@@ -41,7 +41,7 @@ def test_train_help_lists_config_groups_and_options(capsys: pytest.CaptureFixtur
     assert "model: conv4, mlp, resnet12" in out
     assert "inner_optim: adadelta, adagrad, adam, adamax, adamw, asgd, nadam, radam" in out
     assert "recipe: anil, fomaml, imaml, maml, meta_sgd, omniglot_maml_5w1s" in out
-    assert "data: image_folder, mini_imagenet, omniglot, sinusoid" in out
+    assert "data: episodes, image_folder, mini_imagenet, omniglot, sinusoid" in out
     assert "trainer: cpu, ddp, gpu" in out
 
 

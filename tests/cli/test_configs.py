@@ -49,7 +49,13 @@ def test_the_required_recipes_and_groups_exist() -> None:
     assert _options("inner_optim") == sorted(INNER_OPTIMIZERS)
     assert _options("algorithm") == sorted(ALGORITHMS)
     assert _options("model") == ["conv4", "mlp", "resnet12"]
-    assert _options("data") == ["image_folder", "mini_imagenet", "omniglot", "sinusoid"]
+    assert _options("data") == [
+        "episodes",
+        "image_folder",
+        "mini_imagenet",
+        "omniglot",
+        "sinusoid",
+    ]
     assert _options("trainer") == ["cpu", "ddp", "gpu"]
     for group in ("logger", "callbacks", "paths", "outer_optim"):
         assert _options(group)
@@ -193,6 +199,7 @@ def test_image_models_build_for_omniglot(model: str, compose_train) -> None:
         (["data=omniglot"], "OmniglotDataModule"),
         (["data=mini_imagenet"], "MiniImageNetDataModule"),
         (["data=image_folder", "data.train_root=somewhere"], "ImageFolderDataModule"),
+        (["data=episodes", "data.root=somewhere"], "EpisodesDataModule"),
         ([], "SinusoidDataModule"),
     ],
 )

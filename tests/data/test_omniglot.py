@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from metalight.data import Omniglot, download_file, md5sum
+from metalight.data import ImageTransform, Omniglot, OmniglotTransform, download_file, md5sum
 from tests.data.conftest import SMALL_SETS
 
 SMALL1 = {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26}
@@ -99,8 +100,28 @@ def test_character_split_is_disjoint_and_seeded(omniglot: Omniglot) -> None:
     assert again.train.class_names == splits.train.class_names
     other = omniglot.split_by_character(num_train=150, num_val=40, seed=1)
     assert other.train.class_names != splits.train.class_names
-    with pytest.raises(ValueError, match="each split needs at least one class"):
-        omniglot.split_by_character(num_train=200, num_val=42)
+    # Every character split off, none left for testing: allowed, the test split is empty.
+    no_test = omniglot.split_by_character(num_train=200, num_val=42)
+    assert [s.num_classes for s in no_test] == [200, 42, 0] and len(no_test.test) == 0
+    with pytest.raises(ValueError, match="num_train \\+ num_val <= 242"):
+        omniglot.split_by_character(num_train=200, num_val=43)
+    with pytest.raises(ValueError, match="choose num_train >= 1 and num_val >= 0"):
+        omniglot.split_by_character(num_train=0, num_val=10)
+    with pytest.raises(ValueError, match="choose num_train >= 1 and num_val >= 0"):
+        omniglot.split_by_character(num_train=10, num_val=-1)
+
+
+def test_character_split_can_train_on_every_character(omniglot: Omniglot) -> None:
+    train, val, test = omniglot.split_by_character(num_train=None, num_val=0)
+    assert (train.num_classes, val.num_classes, test.num_classes) == (242, 0, 0)
+    # Sorted class ids: the training set is the whole dataset, image for image.
+    assert train.class_names == omniglot.class_names
+    assert torch.equal(train.data, omniglot.data)
+    # num_train=None keeps the validation characters out of training, as the default split.
+    train, val, test = omniglot.split_by_character(num_train=None, num_val=40, seed=3)
+    assert (train.num_classes, val.num_classes, test.num_classes) == (202, 40, 0)
+    assert val.class_names == omniglot.split_by_character(202, 40, seed=3).val.class_names
+    assert not set(train.class_names) & set(val.class_names)
 
 
 def test_rotations_add_classes_from_cached_tensors(omniglot: Omniglot) -> None:
@@ -156,3 +177,83 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path: Path) -> None:
         download_file(source.as_uri(), bad_dest, md5="0" * 32)
     assert not bad_dest.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images_background.zip"]
+
+
+def test_public_transform_gives_a_training_image_bit_for_bit(
+    omniglot_dir: Path, omniglot: Omniglot, tmp_path: Path
+) -> None:
+    assert omniglot.transform == OmniglotTransform(28)
+    transform = OmniglotTransform(image_size=28)
+    with zipfile.ZipFile(omniglot_dir / "images_background_small1.zip") as archive:
+        names = sorted(
+            n for n in archive.namelist() if "/Greek/character07/" in n and n.endswith(".png")
+        )
+        assert len(names) == 20
+        # The 4th drawer's image: items of a class are in file-name order.
+        data = archive.read(names[3])
+    index = omniglot.class_indices[omniglot.class_names.index("Greek/character07")][3]
+    trained_on = omniglot.fetch(index.reshape(1))[0]
+    from_bytes = transform(data)
+    assert from_bytes.dtype == torch.float32 and from_bytes.shape == (1, 28, 28)
+    assert torch.equal(from_bytes, trained_on)
+    path = tmp_path / "new_character.png"
+    path.write_bytes(data)
+    assert torch.equal(transform(path), trained_on)
+    assert torch.equal(transform(str(path)), trained_on)
+    with Image.open(path) as image:
+        assert torch.equal(transform(image), trained_on)
+    assert torch.equal(transform.stack([path, data]), trained_on.expand(2, 1, 28, 28))
+    # Another drawer is another tensor: the comparison can fail.
+    assert not torch.equal(transform(archive_read(omniglot_dir, names[4])), trained_on)
+
+
+def archive_read(omniglot_dir: Path, name: str) -> bytes:
+    with zipfile.ZipFile(omniglot_dir / "images_background_small1.zip") as archive:
+        return archive.read(name)
+
+
+def test_transform_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"image file {tmp_path / 'nope.png'} does not"):
+        OmniglotTransform()(tmp_path / "nope.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=f"cannot decode image file {bad}"):
+        OmniglotTransform()(bad)
+    with pytest.raises(ValueError, match="channels must be 1 \\(grayscale\\) or 3"):
+        ImageTransform(28, channels=2)
+    with pytest.raises(ValueError, match="unknown image transform settings \\['size'\\]"):
+        ImageTransform.from_config({"size": 28})
+    assert ImageTransform.from_config(OmniglotTransform(14).config()) == OmniglotTransform(14)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_damaged_zip_is_named_with_what_to_do(
+    omniglot_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    good = (omniglot_dir / "images_background_small1.zip").read_bytes()
+    content = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"PK\x03\x04" * 50}
+    path = tmp_path / "images_background.zip"
+    path.write_bytes(content[damage])
+    with pytest.raises(ValueError) as err:
+        Omniglot(tmp_path, "images_background")
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"Omniglot zip file {path} is " in message
+    assert "Delete it and download it again" in message and "download=True" in message
+    if damage == "empty":
+        assert "is empty (0 bytes)" in message
+
+
+def test_zip_damaged_after_its_listing_is_named(omniglot_dir: Path, tmp_path: Path) -> None:
+    # The central directory survives, a member's bytes do not: reading that member fails.
+    good = bytearray((omniglot_dir / "images_background_small1.zip").read_bytes())
+    with zipfile.ZipFile(omniglot_dir / "images_background_small1.zip") as archive:
+        info = archive.infolist()[-1]
+        while not info.filename.endswith(".png"):
+            info = archive.infolist()[archive.infolist().index(info) - 1]
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    good[start : start + info.compress_size] = bytes(info.compress_size)
+    path = tmp_path / "images_background_small1.zip"
+    path.write_bytes(bytes(good))
+    with pytest.raises(ValueError, match=f"Omniglot zip file {path} is damaged"):
+        Omniglot(tmp_path, "images_background_small1")
