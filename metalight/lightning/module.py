@@ -306,13 +306,17 @@ class MetaLearningModule(L.LightningModule):
             return lrs
         lr = self._base_lr()
         n = len(self._adapted_names)
+        # The rates follow the adapted weights' dtype and device: a float64 model gets float64
+        # rates (float32 ones would round every inner step of an exact float64 computation).
+        first = params[self._adapted_names[0]]
+        like = {"dtype": first.dtype, "device": first.device}
         if mode == "scalar":
-            lrs.append(nn.Parameter(torch.tensor(lr)))
+            lrs.append(nn.Parameter(torch.tensor(lr, **like)))
         elif mode == "per_layer":
-            lrs.extend(nn.Parameter(torch.tensor(lr)) for _ in range(n))
+            lrs.extend(nn.Parameter(torch.tensor(lr, **like)) for _ in range(n))
         elif mode == "per_layer_per_step":
             steps = max(self.inner_steps, self.eval_inner_steps, 1)
-            lrs.extend(nn.Parameter(torch.full((steps,), lr)) for _ in range(n))
+            lrs.extend(nn.Parameter(torch.full((steps,), lr, **like)) for _ in range(n))
         elif mode == "per_parameter":
             lrs.extend(
                 nn.Parameter(torch.full_like(params[name].detach(), lr))

@@ -224,9 +224,7 @@ def test_anil_adapts_head_only_and_runs_body_once(vectorize: bool) -> None:
 def test_meta_sgd_learns_per_parameter_rates(vectorize: bool) -> None:
     torch.manual_seed(5)
     model = Net().double()
-    module = MetaSGD(
-        copy.deepcopy(model), vectorize_tasks=vectorize, inner_lr=0.1, inner_steps=2
-    ).double()
+    module = MetaSGD(copy.deepcopy(model), vectorize_tasks=vectorize, inner_lr=0.1, inner_steps=2)
     batch = regression_batch(seed=5)
     got = module_grads(module, batch)
     init = list(model.parameters())
@@ -305,15 +303,59 @@ def test_imaml_implicit_gradient_equals_exact_linear_solve() -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
 
 
-def test_inner_rates_per_layer_per_step_are_meta_learned() -> None:
+def reference_learned_rates(
+    model: nn.Module, batch: TaskBatch, rates: list[torch.Tensor], mode: str, steps: int
+) -> list[torch.Tensor]:
+    """Meta-gradient w.r.t. the initial weights and the learned rates, by hand."""
+    init = list(model.parameters())
+    rates = [r.detach().clone().requires_grad_() for r in rates]
+
+    def rate(i: int, k: int) -> torch.Tensor:
+        if mode == "scalar":
+            return rates[0]
+        if mode == "per_layer_per_step":
+            return rates[i][k]
+        return rates[i]  # per_layer: a scalar per tensor; per_parameter: one per entry
+
+    total = [torch.zeros_like(p) for p in init + rates]
+    for task in batch:
+        params = init
+        for k in range(steps):
+            loss = F.mse_loss(fcall(model, params, task.support_x), task.support_y)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            params = [p - rate(i, k) * g for i, (p, g) in enumerate(zip(params, grads))]
+        meta = F.mse_loss(fcall(model, params, task.query_x), task.query_y) / len(batch)
+        for t, g in zip(total, torch.autograd.grad(meta, init + rates)):
+            t += g
+    return total
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_layer", "per_layer_per_step", "per_parameter"])
+def test_learned_inner_rates_equal_hand_written_loop(mode: str, vectorize: bool) -> None:
     torch.manual_seed(8)
+    model = Net().double()
     module = MAML(
-        Net().double(), inner_optim=sgd(0.1), inner_steps=3, learn_inner_lr="per_layer_per_step"
-    ).double()
-    assert len(module.inner_lrs) == 6 and module.inner_lrs[0].shape == (3,)
-    grads = module_grads(module, regression_batch(seed=8))
-    lr_grads = grads[-6:]
-    assert all(g is not None and g.shape == (3,) and torch.all(g != 0) for g in lr_grads)
+        copy.deepcopy(model),
+        inner_optim=sgd(0.1),
+        inner_steps=3,
+        learn_inner_lr=mode,
+        vectorize_tasks=vectorize,
+    )
+    # Float64 rates without .double(): they follow the model's dtype.
+    assert all(lr.dtype == torch.float64 for lr in module.inner_lrs)
+    # Distinct rates per layer, step and entry: a step using another step's (or layer's) rate
+    # changes the result.
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for lr in module.inner_lrs:
+            lr.copy_(torch.rand(lr.shape, generator=g, dtype=torch.float64) * 0.15 + 0.02)
+    rates = [lr.detach().clone() for lr in module.inner_lrs]
+    batch = regression_batch(seed=8)
+    got = module_grads(module, batch)
+    want = reference_learned_rates(model, batch, rates, mode, 3)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def count_host_syncs(fn: Callable[[], object]) -> int:
