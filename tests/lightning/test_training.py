@@ -195,26 +195,79 @@ def test_validate_reports_pre_post_and_confidence_interval_for_classification() 
     assert 0 < results["val/acc_post_ci95"] < 0.5
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"precision": "bf16-mixed"},
-        {"accumulate_grad_batches": 2},
-        {"gradient_clip_val": 0.1},
-        {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
-    ],
-    ids=["bf16", "accumulate", "clip_norm", "clip_value"],
-)
-def test_lightning_features_inside_the_meta_step(options: dict[str, Any]) -> None:
+def meta_gradient(module: MetaLearningModule, batch: TaskBatch) -> list[torch.Tensor]:
+    """The meta-gradient of one batch at the module's current weights (its training step)."""
+    module.zero_grad(set_to_none=True)
+    module.training_step(batch, 0).backward()
+    grads = [p.grad.detach().clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def sgd_step_by_trainer(
+    batches: list[TaskBatch], dtype: torch.dtype, **options: Any
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Weights before and after one outer SGD step taken by a Trainer, and each batch's
+    meta-gradient at the starting weights."""
     torch.manual_seed(0)
-    module = MAML(MLP(), inner_optim=sgd(0.01), inner_steps=2)
+    module = MAML(MLP().to(dtype), inner_optim=sgd(0.01), inner_steps=2, outer_optim=sgd(0.1))
     before = [p.detach().clone() for p in module.parameters()]
-    t = trainer(4, **options)
-    t.fit(module, datamodule=sinusoid(meta_batch_size=4))
-    after = list(module.parameters())
-    assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    assert t.global_step == 4
+    grads = [meta_gradient(module, batch) for batch in batches]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer(1, **options).fit(module, loader)
+    return before, [p.detach().clone() for p in module.parameters()], grads
+
+
+def sine_batches(n: int, dtype: torch.dtype) -> list[TaskBatch]:
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n):
+        x = torch.rand(4, 2, 10, 1, generator=g, dtype=dtype) * 10 - 5
+        amp = torch.rand(4, 1, 1, 1, generator=g, dtype=dtype) * 4 + 1
+        y = amp * torch.sin(x)
+        batches.append(TaskBatch(x[:, 0], y[:, 0], x[:, 1], y[:, 1], amp.reshape(4, 1)))
+    return batches
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clipped", "under-the-norm"])
+def test_gradient_norm_clipping_of_the_meta_gradient(max_norm: float) -> None:
+    (batch,) = sine_batches(1, torch.float64)
+    before, after, (g,) = sgd_step_by_trainer([batch], torch.float64, gradient_clip_val=max_norm)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g]))
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    assert (coef < 1.0) == (max_norm == 0.1)
+    for p0, p1, gi in zip(before, after, g, strict=True):
+        torch.testing.assert_close(p1, p0 - 0.1 * coef * gi)
+
+
+def test_gradient_value_clipping_of_the_meta_gradient() -> None:
+    (batch,) = sine_batches(1, torch.float64)
+    before, after, (g,) = sgd_step_by_trainer(
+        [batch], torch.float64, gradient_clip_val=0.05, gradient_clip_algorithm="value"
+    )
+    assert any(bool((gi.abs() > 0.05).any()) for gi in g)  # the clip does something
+    for p0, p1, gi in zip(before, after, g, strict=True):
+        torch.testing.assert_close(p1, p0 - 0.1 * gi.clamp(-0.05, 0.05))
+
+
+def test_accumulated_meta_gradients_are_averaged() -> None:
+    batches = sine_batches(2, torch.float64)
+    before, after, (g1, g2) = sgd_step_by_trainer(batches, torch.float64, accumulate_grad_batches=2)
+    assert not all(torch.allclose(a, b) for a, b in zip(g1, g2))
+    for p0, p1, a, b in zip(before, after, g1, g2, strict=True):
+        torch.testing.assert_close(p1, p0 - 0.1 * (a + b) / 2)
+
+
+def test_bf16_mixed_meta_step_is_close_to_float32() -> None:
+    (batch,) = sine_batches(1, torch.float32)
+    before, after, (g,) = sgd_step_by_trainer([batch], torch.float32, precision="bf16-mixed")
+    updates = [p1 - p0 for p0, p1 in zip(before, after, strict=True)]
+    expected = [-0.1 * gi for gi in g]
+    for u, e in zip(updates, expected, strict=True):
+        # bf16 keeps 8 bits of mantissa: a few percent of the update's scale.
+        torch.testing.assert_close(u, e, rtol=0.05, atol=0.05 * float(e.abs().max()))
+    # ... and it did run in bf16: not the float32 step.
+    assert not all(torch.equal(u, e) for u, e in zip(updates, expected, strict=True))
 
 
 def test_gradient_accumulation_equals_one_big_meta_batch() -> None:
@@ -259,9 +312,20 @@ def test_checkpoint_holds_everything_learned_and_resumes(tmp_path: Path) -> None
     learned = [lr.detach().item() for lr in module.inner_lrs]
     assert any(abs(lr - 0.01) > 1e-6 for lr in learned)
 
+    torch.manual_seed(1)  # another initialisation: the checkpoint must replace it
     restored = MAML(MLP(), inner_optim=sgd(0.01), inner_steps=1, learn_inner_lr="per_layer")
     t2 = trainer(10, default_root_dir=tmp_path, max_epochs=2)
     t2.fit(
         restored, datamodule=sinusoid(meta_batch_size=4, train_batches_per_epoch=5), ckpt_path=ckpt
     )
     assert t2.global_step == 10
+
+    # The resumed run is the uninterrupted one, bit for bit (weights, rates, Adam moments and
+    # the task stream all came back).
+    torch.manual_seed(0)
+    straight = MAML(MLP(), inner_optim=sgd(0.01), inner_steps=1, learn_inner_lr="per_layer")
+    trainer(10, default_root_dir=tmp_path, max_epochs=2).fit(
+        straight, datamodule=sinusoid(meta_batch_size=4, train_batches_per_epoch=5)
+    )
+    for (name, a), b in zip(restored.named_parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b), name
