@@ -81,6 +81,20 @@ class SplitSource(Protocol):
         ...
 
 
+class _OnDevice:
+    """A split source whose tensors come on the module's device (other attributes pass)."""
+
+    def __init__(self, source: Any, device: torch.device) -> None:
+        self._source, self._device = source, device
+
+    def split_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        x, y = self._source.split_tensors(split)
+        return x.to(self._device), y.to(self._device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
 def _default_inner_optim(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)
 
@@ -415,9 +429,10 @@ class BilevelModule(L.LightningModule):
         if not callable(getattr(datamodule, "split_tensors", None)):
             raise TypeError(
                 f"{type(self).__name__} is tested on whole data splits: train it with a data "
-                "module that has split_tensors(split), e.g. metalight.data.DigitsDataModule"
+                "module that has split_tensors(split), e.g. metalight.data.digits."
+                "DigitsDataModule"
             )
-        return datamodule  # type: ignore[return-value]
+        return _OnDevice(datamodule, self.device)
 
     def _inner_batches(self, batch: TaskBatch) -> tuple[list[InnerBatch], Tensor, Tensor]:
         if len(batch) != 1:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from metalight.bilevel.module import BilevelModule
 from metalight.lightning.checkpoint_io import AtomicCheckpointIO
 from metalight.lightning.module import MetaLearningModule
 
@@ -49,7 +50,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(cfg.data, _convert_="all")
 
 
-def build_module(cfg: DictConfig) -> MetaLearningModule:
+def build_module(cfg: DictConfig) -> MetaLearningModule | BilevelModule:
     """The algorithm of ``cfg.algorithm`` around the model of ``cfg.model``.
 
     The algorithm config refers to the optimizers (``inner_optim: ${inner_optim}``), which
@@ -65,9 +66,9 @@ def build_module(cfg: DictConfig) -> MetaLearningModule:
     """
     model = instantiate(cfg.model, _convert_="all")
     module = instantiate(cfg.algorithm, model=model, _convert_="all")
-    if not isinstance(module, MetaLearningModule):
+    if not isinstance(module, MetaLearningModule | BilevelModule):
         raise TypeError(
-            f"algorithm._target_ must build a metalight MetaLearningModule, got "
+            f"algorithm._target_ must build a metalight MetaLearningModule or BilevelModule, got "
             f"{type(module).__name__}"
         )
     return module
@@ -149,7 +150,7 @@ class Components:
     """
 
     datamodule: L.LightningDataModule
-    module: MetaLearningModule
+    module: MetaLearningModule | BilevelModule
     trainer: L.Trainer
 
 
