@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FunctionalModule", "make_functional", "monkeypatch"]
+__all__ = ["FunctionalModule", "functional_call", "make_functional", "monkeypatch"]
 
 _OWN_ATTRS = frozenset({"_root", "_prefix"})
 
@@ -651,3 +651,61 @@ def make_functional(module: nn.Module) -> FunctionalModule:
         >>> out = fmodel(torch.randn(3, 2), params=[p * 2 for p in model.parameters()])
     """
     return FunctionalModule(_Root(module, None, True, None))
+
+
+def functional_call(
+    module: nn.Module,
+    tensors: Mapping[str, Tensor | None],
+    args: Any = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """``torch.func.functional_call`` that is right for every model structure.
+
+    Runs ``module(*args, **kwargs)`` with the parameters and buffers named in ``tensors``
+    (any name a tensor is reachable under; tied weights and a module object used at several
+    places take the one value) and the module's own tensors for the rest, then restores the
+    module exactly, also on errors. Unlike ``torch.func.functional_call(..., tie_weights=True)``
+    it leaves no given tensor inside a module object reachable under several names. A buffer
+    may be given as None (e.g. BatchNorm running statistics, to normalise with batch
+    statistics only). Works under ``torch.func.vmap``.
+
+    Args:
+        module: any ``nn.Module``.
+        tensors: replacement tensors by ``named_parameters()``/``named_buffers()`` name.
+        args: positional arguments of the call (a single tensor is taken as ``(tensor,)``).
+        kwargs: keyword arguments of the call.
+
+    Returns:
+        What ``module`` returns.
+
+    Raises:
+        KeyError: a name that is neither a parameter nor a buffer of ``module``.
+
+    Example:
+        >>> import torch
+        >>> from metalight.functional import functional_call
+        >>> proj = torch.nn.Linear(2, 2)
+        >>> model = torch.nn.Sequential(proj, torch.nn.Tanh(), proj)
+        >>> out = functional_call(model, {"0.weight": torch.eye(2)}, (torch.ones(1, 2),))
+        >>> model[0].weight is proj.weight and model[2].weight.grad_fn is None
+        True
+    """
+    layout, own_params, own_buffers = _layout(module)
+    params = list(own_params)
+    buffers: list[Any] = list(own_buffers)
+    for name, value in tensors.items():
+        index = layout.aliases.get(name)
+        if index is not None:
+            params[index] = value
+            continue
+        index = layout.buffer_aliases.get(name)
+        if index is None:
+            raise KeyError(
+                f"{name!r} is neither a parameter nor a buffer of {type(module).__name__} "
+                "(use names from named_parameters() or named_buffers())"
+            )
+        buffers[index] = value
+    if isinstance(args, Tensor):
+        args = (args,)
+    with _swapped(layout, params, buffers):
+        return module(*args, **(kwargs or {}))

@@ -57,10 +57,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from metalight.data.task import Task, TaskBatch
-from metalight.functional import monkeypatch
+from metalight.functional import functional_call, monkeypatch
 from metalight.optim.differentiable import FunctionalCoreOptimizer
 
 if TYPE_CHECKING:
