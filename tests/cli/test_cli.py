@@ -40,8 +40,13 @@ def test_train_help_lists_config_groups_and_options(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "model: conv4, mlp, resnet12" in out
     assert "inner_optim: adadelta, adagrad, adam, adamax, adamw, asgd, nadam, radam" in out
-    assert "recipe: anil, fomaml, imaml, maml, meta_sgd, omniglot_maml_5w1s" in out
-    assert "data: episodes, image_folder, mini_imagenet, omniglot, sinusoid" in out
+    assert (
+        "recipe: anil, distill, fomaml, hyper_lr, imaml, maml, meta_sgd, omniglot_maml_5w1s" in out
+    )
+    assert (
+        "data: digits, episodes, image_folder, mini_imagenet, noisy_digits, omniglot, sinusoid"
+        in out
+    )
     assert "trainer: cpu, ddp, gpu" in out
 
 
@@ -187,7 +192,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
 
 
 ERRORS = [
-    (["train", "+recipe=nope"], "unknown recipe 'nope'; available recipes: anil, fomaml"),
+    (["train", "+recipe=nope"], "unknown recipe 'nope'; available recipes: anil, distill, fomaml"),
     (["train", "model=nope"], "unknown option 'nope' for config group 'model'; available: conv4"),
     (["train", "+recipe=maml", "algorithm.inner_steps=abc"], "algorithm.inner_steps must be"),
     (

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metalight.algorithms import ANIL, FOMAML, IMAML, MAML, MetaSGD, Reptile
+from metalight.bilevel import Distill, HyperLR, Reweight
 from metalight.lightning import MetaLearningModule
 from metalight.optim.functional import BY_TORCH_CLASS
 from metalight.run import (
@@ -36,6 +37,7 @@ ALGORITHMS = {
     "reptile": Reptile,
     "imaml": IMAML,
 }
+BILEVEL = {"hyper_lr": HyperLR, "reweight": Reweight, "distill": Distill}
 # One inner_optim config per built-in differentiable optimizer, named as its functional core.
 INNER_OPTIMIZERS = sorted(core.name for core in BY_TORCH_CLASS.values())
 
@@ -50,9 +52,11 @@ def test_the_required_recipes_and_groups_exist() -> None:
     assert _options("algorithm") == sorted(ALGORITHMS)
     assert _options("model") == ["conv4", "mlp", "resnet12"]
     assert _options("data") == [
+        "digits",
         "episodes",
         "image_folder",
         "mini_imagenet",
+        "noisy_digits",
         "omniglot",
         "sinusoid",
     ]
@@ -83,9 +87,12 @@ def test_recipe_composes_and_instantiates(
     assert cfg.recipe.name == name
     validate_config(cfg)
     components = build(cfg)
-    assert isinstance(components.module, MetaLearningModule)
-    algorithm = name if name in ALGORITHMS else "maml"
-    assert type(components.module) is ALGORITHMS[algorithm]
+    if name in BILEVEL:
+        assert type(components.module) is BILEVEL[name]
+    else:
+        assert isinstance(components.module, MetaLearningModule)
+        algorithm = name if name in ALGORITHMS else "maml"
+        assert type(components.module) is ALGORITHMS[algorithm]
     assert components.trainer.max_steps == cfg.trainer.max_steps
     assert components.trainer.checkpoint_callback is not None
 
