@@ -26,6 +26,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -45,6 +46,8 @@ commands:
   train     meta-train, then test on held-out tasks; writes a run directory
             (config, checkpoints, metrics CSV, plots, results.json) under ./runs
   eval      test a checkpoint on the test episodes: metalight eval ckpt_path=PATH
+  predict   adapt to new classes (support=DIR/<class>/<image>) and classify the images
+            of query=DIR: metalight predict ckpt_path=PATH support=DIR query=DIR
   recipes   list the recipes (reproductions of paper experiments), one per line
 
 examples:
@@ -54,6 +57,7 @@ examples:
   metalight train -m +recipe=maml,anil
   metalight train +recipe=maml ckpt_path=runs/RUN/checkpoints/last.ckpt     (resume)
   metalight eval ckpt_path=runs/RUN/checkpoints/last.ckpt data.test_episodes=100
+  metalight eval ckpt_path=runs/RUN/checkpoints/last.ckpt data=episodes data.root=DIR
 
 `metalight train --help` lists the config groups and their options;
 `metalight eval --help` explains eval. HYDRA_FULL_ERROR=1 shows tracebacks of errors.
@@ -67,6 +71,12 @@ config.yaml that `metalight train` saved in the checkpoint's run directory; KEY=
 overrides change single values of it (e.g. data.test_episodes=100, trainer.accelerator=gpu,
 algorithm.eval_inner_steps=20). Results go to <run dir>/eval/<time>/ (results.json, and for
 sinusoid data a picture of test tasks before and after adaptation).
+
+With data=episodes data.root=DIR it scores fixed episodes stored as folders instead,
+DIR/<episode>/support/<class>/<image> and DIR/<episode>/query/<class>/<image>, each in
+folder order, and reports the accuracy of each episode and their mean with a 95% CI
+(diverged episodes are counted and left out of the mean). The images go through what the
+training images went through.
 """
 
 # Lightning's advice that suits big supervised runs but not tiny meta-learning ones, its own
@@ -104,6 +114,10 @@ def _eval(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(_EVAL_HELP, end="")
         return 0
+    if "data=episodes" in args:
+        from metalight.run.episodes_eval import eval_episodes_command
+
+        return eval_episodes_command(args)
     ckpt = _value_of(args, "ckpt_path")
     if not ckpt:
         raise _UsageError("eval needs a checkpoint: metalight eval ckpt_path=PATH")
@@ -122,7 +136,17 @@ def _train(args: list[str], argv0: str) -> int:
         reset_run_dirs,
         train,
     )
+    from metalight.run.resources import note_created
+    from metalight.run.train import RunInterrupted, refuse_used_run_dir
 
+    given = _value_of(args, "hydra.run.dir")
+    if given and "${" not in given and not {"-m", "--multirun"} & set(args):
+        # Checked before Hydra writes its .hydra/ files into it; a directory Hydra is about
+        # to create is this run's, and is removed again if the run fails to start.
+        run_dir = Path(given)
+        refuse_used_run_dir(run_dir)
+        if not run_dir.exists():
+            note_created(run_dir)
     register_resolvers()
     register_recipes()
     reset_run_dirs()
@@ -134,6 +158,8 @@ def _train(args: list[str], argv0: str) -> int:
         sys.argv = full_argv
         try:
             train(cfg)
+        except RunInterrupted as stop:  # saved, and reported by train()
+            raise SystemExit(stop.exit_code) from None
         except Exception as exc:
             # Reported here, so that Hydra adds no "Error executing job" line of its own.
             if not _report("train", exc):
@@ -212,10 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _train(rest, argv0)
             if command == "eval":
                 return _eval(rest)
+            if command == "predict":
+                from metalight.run.predict import predict_command
+
+                return predict_command(rest)
             if command == "recipes":
                 return _print_recipes()
             raise _UsageError(
-                f"unknown command {command!r}; commands: train, eval, recipes (metalight --help)"
+                f"unknown command {command!r}; commands: train, eval, predict, recipes "
+                "(metalight --help)"
             )
         except Exception as exc:
             if not _report(command, exc):

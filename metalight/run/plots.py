@@ -19,7 +19,7 @@ from torch import Tensor
 
 from metalight.data.datamodule import SinusoidDataModule
 from metalight.data.sinusoid import SinusoidTasks
-from metalight.lightning.module import MetaLearningModule
+from metalight.lightning.module import MetaLearningModule, NonFiniteError
 
 __all__ = ["plot_sinusoid_tasks", "plot_training_curves", "read_metrics"]
 
@@ -161,6 +161,9 @@ def plot_sinusoid_tasks(
         num_tasks: how many test tasks to draw.
         steps: inner steps (default: the module's ``eval_inner_steps``).
 
+    With ``nan_policy="skip"`` a task whose adaptation is not finite is drawn without its
+    adapted curves (as training and testing skip it); otherwise the error is raised.
+
     Returns:
         ``out_path``.
 
@@ -193,7 +196,17 @@ def plot_sinusoid_tasks(
         truth = SinusoidTasks.function(grid, task.info)
         with torch.no_grad():
             before = module.model(grid.to(device)).cpu()
-        curves = _adapted_curves(module, task.to(device), grid.to(device), steps)
+        try:
+            curves = _adapted_curves(module, task.to(device), grid.to(device), steps)
+        except NonFiniteError:
+            # As training and testing do with nan_policy="skip": leave the task's
+            # adaptation out rather than fail.
+            if module.nan_policy != "skip":
+                raise
+            curves = {}
+            skipped = True
+        else:
+            skipped = False
         ax.plot(grid, truth, color="black", linewidth=2, label="ground truth")
         ax.plot(grid, before, ":", color="tab:green", label="before adaptation")
         if 1 in curves and steps != 1:
@@ -210,7 +223,10 @@ def plot_sinusoid_tasks(
             label=f"support (K={task.support_x.shape[0]})",
         )
         amplitude, phase = (float(v) for v in task.info[:2])
-        ax.set_title(f"test task {index}: amplitude {amplitude:.2f}, phase {phase:.2f}")
+        title = f"test task {index}: amplitude {amplitude:.2f}, phase {phase:.2f}"
+        if skipped:
+            title += "\n(adaptation not finite: skipped)"
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         if index == 0:
             ax.legend(fontsize="small")

@@ -25,8 +25,10 @@ __all__ = [
     "RUN_DIR_RESOLVER",
     "Recipe",
     "config_dir",
+    "created_here",
     "list_recipes",
     "make_run_dir",
+    "note_created",
     "recipes_dir",
     "register_recipes",
     "register_resolvers",
@@ -38,6 +40,24 @@ RUN_DIR_RESOLVER = "metalight.run_dir"
 
 _PACKAGE_HEADER = re.compile(r"^#\s*@package\s+(\S+)\s*$")
 _RESERVED: dict[str, str] = {}
+# Run directories this process created: only those may be removed when a run fails to start.
+_CREATED: set[Path] = set()
+
+
+def note_created(path: str | os.PathLike[str]) -> None:
+    """Record that this process created the run directory ``path`` (see :func:`created_here`)."""
+    _CREATED.add(Path(path).resolve())
+
+
+def created_here(path: str | os.PathLike[str]) -> bool:
+    """Whether this process created ``path`` (so a failed start may remove it again).
+
+    Example:
+        >>> import tempfile
+        >>> created_here(make_run_dir(tempfile.mkdtemp())), created_here(tempfile.mkdtemp())
+        (True, False)
+    """
+    return Path(path).resolve() in _CREATED
 
 
 def _resource_dir(name: str) -> Path:
@@ -201,6 +221,7 @@ def make_run_dir(parent: str | os.PathLike[str], stamp: str | None = None) -> Pa
         except FileExistsError:
             count += 1
             continue
+        note_created(candidate)
         return candidate
 
 

@@ -79,6 +79,9 @@ def format_metrics(metrics: Mapping[str, float], stage: str, eval_steps: int | N
 def format_summary(results: Mapping[str, Any]) -> str:
     """The end-of-run summary: recipe, data, final metrics with 95% CI, and the run directory.
 
+    A resumed run reports the meta-iterations and the time of this process, and the total; an
+    interrupted one where it stopped and the command that resumes it.
+
     Args:
         results: what :func:`metalight.run.train` or :func:`metalight.run.evaluate` returns.
 
@@ -92,8 +95,16 @@ def format_summary(results: Mapping[str, Any]) -> str:
           trained   5 meta-iterations in 3.0s
           test      no metrics
           run dir   runs/x
+        >>> print(format_summary({"command": "train", "steps": 2300, "start_step": 2000,
+        ...     "seconds": 0.4, "metrics": {}}).splitlines()[3])
+          trained   300 meta-iterations in 0.4s (resumed at 2000: 2300 in total)
     """
-    lines = [f"metalight {results.get('command', 'train')} finished"]
+    interrupted = results.get("interrupted")
+    command = results.get("command", "train")
+    if interrupted:
+        lines = [f"metalight {command} interrupted by {interrupted.get('signal')}"]
+    else:
+        lines = [f"metalight {command} finished"]
     recipe = results.get("recipe") or "none"
     description = results.get("description")
     lines.append(f"  recipe    {recipe}" + (f": {description}" if description else ""))
@@ -101,13 +112,31 @@ def format_summary(results: Mapping[str, Any]) -> str:
     if results.get("checkpoint_evaluated"):
         lines.append(f"  weights   {results['checkpoint_evaluated']}")
     if results.get("steps") is not None:
+        lines.append(f"  trained   {_trained(results)}")
+    if interrupted:
+        saved = interrupted.get("checkpoint")
+        where = f"saved in {saved}" if saved else "nothing to save yet"
         lines.append(
-            f"  trained   {results['steps']} meta-iterations in {_duration(results['seconds'])}"
+            f"  stopped   during {interrupted.get('phase')}, at meta-iteration "
+            f"{interrupted.get('step')} ({where})"
         )
-    metrics = results.get("metrics", {})
-    test = format_metrics(metrics, "test", results.get("eval_inner_steps"))
-    lines.append(f"  test      {test}")
-    if results.get("expected"):
-        lines.append(f"  expected  {results['expected']}")
+        lines.append(f"  resume    {interrupted.get('resume')}")
+    else:
+        metrics = results.get("metrics", {})
+        test = format_metrics(metrics, "test", results.get("eval_inner_steps"))
+        lines.append(f"  test      {test}")
+        if results.get("expected"):
+            lines.append(f"  expected  {results['expected']}")
     lines.append(f"  run dir   {results.get('run_dir')}")
     return "\n".join(lines)
+
+
+def _trained(results: Mapping[str, Any]) -> str:
+    total = int(results["steps"])
+    start = int(results.get("start_step") or 0)
+    done = int(results.get("steps_this_run", total - start))
+    plural = "" if done == 1 else "s"
+    text = f"{done} meta-iteration{plural} in {_duration(results['seconds'])}"
+    if start:
+        text += f" (resumed at {start}: {total} in total)"
+    return text

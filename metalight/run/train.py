@@ -8,33 +8,46 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
+import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metalight.data.datamodule import SinusoidDataModule
-from metalight.lightning.checkpoint_io import atomic_write
+from metalight.lightning.checkpoint_io import (
+    CorruptCheckpointError,
+    DiskFullError,
+    atomic_write,
+    load_checkpoint_file,
+)
 from metalight.run.build import Components, build, build_datamodule, build_module, build_trainer
 from metalight.run.errors import ConfigError
 from metalight.run.plots import plot_sinusoid_tasks, plot_training_curves
-from metalight.run.resources import make_run_dir
+from metalight.run.resources import created_here, make_run_dir, note_created
 from metalight.run.summary import describe_data, format_summary
 from metalight.run.validate import validate_config
 
 __all__ = [
+    "RunInterrupted",
     "apply_overrides",
     "configure_torch",
     "evaluate",
     "load_run_config",
+    "refuse_used_run_dir",
     "resolve_run_dir",
     "train",
 ]
@@ -43,6 +56,14 @@ CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
 CURVES_FILE = "training_curves.png"
 TASKS_FILE = "sinusoid_tasks.png"
+# What a checkpoint restores besides the weights' values: a resume must not change these.
+_RESTORED = ("model", "outer_optim", "scheduler")
+_RESTORED_ALGORITHM = ("_target_", "learn_inner_lr", "inner_lr")
+_CONFIG_STATE_KEY = "metalight.run_config"
+# The test suite's hook: "STEP" or "STEP:SIGINT" sends this process the signal while it trains
+# meta-iteration STEP (0: as training starts), as a scheduler or a user would.
+SIGNAL_AT_STEP_ENV = "METALIGHT_TEST_SIGNAL_AT_STEP"
+_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 def configure_torch(cfg: DictConfig) -> None:
@@ -75,7 +96,9 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     given = OmegaConf.select(cfg, "paths.run_dir", default=None)
     if given:
         path = Path(str(given))
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            note_created(path)
         return path
     if HydraConfig.initialized():
         output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
@@ -93,8 +116,22 @@ def _with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return cfg
 
 
-def _refuse_used(run_dir: Path) -> None:
-    used = [n for n in (CONFIG_FILE, RESULTS_FILE, "checkpoints") if (run_dir / n).exists()]
+def refuse_used_run_dir(run_dir: Path, hydra_files: bool = True) -> None:
+    """Refuses a run directory that already holds a run (runs never overwrite each other).
+
+    Args:
+        run_dir: the directory a run is about to use.
+        hydra_files: whether Hydra's ``.hydra/`` counts (not once Hydra wrote this run's).
+
+    Raises:
+        ConfigError: if ``run_dir`` holds a config, results, checkpoints or Hydra's files.
+
+    Example:
+        >>> import tempfile
+        >>> refuse_used_run_dir(Path(tempfile.mkdtemp()))
+    """
+    names = (CONFIG_FILE, RESULTS_FILE, "checkpoints") + ((".hydra",) if hydra_files else ())
+    used = [n for n in names if (run_dir / n).exists()]
     if used:
         raise ConfigError(
             f"run directory {run_dir} already holds a run ({', '.join(used)}); runs never "
@@ -151,22 +188,342 @@ def _base_results(cfg: DictConfig, command: str, run_dir: Path) -> dict[str, Any
     }
 
 
+def _warn(text: str) -> None:
+    print(f"metalight: warning: {text}", file=sys.stderr, flush=True)
+
+
 def _write_pictures(
     components: Components, run_dir: Path, results: dict[str, Any], csv_path: Path | None
-) -> None:
+) -> bool:
+    """Draws the run's pictures, best effort: a picture that fails costs a one-line warning,
+    never the run's results. Returns whether any file was added to ``results["files"]``."""
     files = results.setdefault("files", {})
+    drawn = False
+    jobs: list[tuple[str, Path, Any]] = []
     if csv_path is not None:
         files["metrics_csv"] = str(csv_path)
         title = f"{results.get('recipe') or 'no recipe'}: {results.get('data')}"
-        files["training_curves"] = str(plot_training_curves(csv_path, run_dir / CURVES_FILE, title))
-    if isinstance(components.datamodule, SinusoidDataModule):
-        files["sinusoid_tasks"] = str(
-            plot_sinusoid_tasks(components.module, components.datamodule, run_dir / TASKS_FILE)
+        jobs.append(
+            (
+                "training_curves",
+                run_dir / CURVES_FILE,
+                lambda out: plot_training_curves(csv_path, out, title),
+            )
         )
+    if isinstance(components.datamodule, SinusoidDataModule):
+        module, datamodule = components.module, components.datamodule
+        jobs.append(
+            (
+                "sinusoid_tasks",
+                run_dir / TASKS_FILE,
+                lambda out: plot_sinusoid_tasks(module, datamodule, out),
+            )
+        )
+    for key, out, draw in jobs:
+        try:
+            files[key] = str(draw(out))
+            drawn = True
+        except Exception as err:  # a picture is never worth the run
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            _warn(f"could not draw {out} ({type(err).__name__}: {reason}); the results are kept")
+    return drawn
 
 
 def _save(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write(run_dir / RESULTS_FILE, json.dumps(results, indent=2, default=str) + "\n")
+
+
+class RunInterrupted(Exception):
+    """``SIGTERM`` or ``SIGINT`` stopped a run; the current step is saved to resume from.
+
+    Attributes:
+        signum: the signal.
+        exit_code: the conventional status of a process stopped by it (143, 130).
+        step: the meta-iterations done in total when it stopped.
+        checkpoint: the checkpoint that resumes the run (``None``: start again).
+        phase: what the run was doing (``"training"``, ``"testing"``, ...).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None, phase: str) -> None:
+        self.signum = signum
+        self.exit_code = _EXIT_CODES.get(signum, 128 + int(signum))
+        self.step = step
+        self.checkpoint = checkpoint
+        self.phase = phase
+        super().__init__(f"{signal.Signals(signum).name} during {phase}, at meta-iteration {step}")
+
+
+class _Interrupts:
+    """SIGTERM/SIGINT handlers that ask the run to stop at the next safe point.
+
+    A signal only sets a flag; the run saves the step it is in when that step ends (see
+    :class:`_InterruptCallback`). A second SIGINT (Ctrl-C twice) stops at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> _Interrupts:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in _EXIT_CODES:
+            self._saved.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handle)
+        return self
+
+    def take_over(self) -> None:
+        """Puts the handlers back in place (Lightning installs its own SIGTERM handler)."""
+        if self._saved and threading.current_thread() is threading.main_thread():
+            for signum in _EXIT_CODES:
+                signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        again = (
+            " (Ctrl-C again stops at once, losing the current step)"
+            if signum == signal.SIGINT
+            else ""
+        )
+        # os.write, not print: the handler may run inside a print of the main program.
+        os.write(
+            2,
+            f"metalight: {name} received: saving the current step, then stopping{again}\n".encode(),
+        )
+
+
+class _InterruptCallback(Callback):
+    """Saves the step in progress and stops the run when a signal came (rank 0's decides)."""
+
+    def __init__(self, interrupts: _Interrupts, checkpoint: Path) -> None:
+        self.interrupts = interrupts
+        self.checkpoint = checkpoint
+        self.resumed_from: str | None = None
+        self._saved: RunInterrupted | None = None
+        self.signal_at: tuple[int, int] | None = None
+        hook = os.environ.get(SIGNAL_AT_STEP_ENV)
+        if hook:
+            step, _, name = hook.partition(":")
+            self.signal_at = (int(step), int(getattr(signal, name or "SIGTERM")))
+
+    def _asked(self, trainer: L.Trainer) -> int | None:
+        signum = self.interrupts.signum
+        if trainer.world_size > 1:
+            # Every rank must take the same path, or the save's barrier would hang.
+            code = trainer.strategy.broadcast(signum or 0, src=0)
+            signum = int(code) or None
+        return signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.interrupts.take_over()
+        if self.signal_at is not None and self.signal_at[0] == 0:
+            os.kill(os.getpid(), self.signal_at[1])
+        signum = self._asked(trainer)
+        if signum is not None:
+            raise RunInterrupted(signum, trainer.global_step, self.resumed_from, "start-up")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop_if_saved()
+        if self.signal_at is not None and self.signal_at[0] == trainer.global_step + 1:
+            os.kill(os.getpid(), self.signal_at[1])
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Here, at the end of a step, is where the periodic checkpoints are saved too: a
+        # resume from this one continues exactly as the uninterrupted run would have.
+        signum = self._asked(trainer)
+        if signum is None:
+            return
+        trainer.save_checkpoint(self.checkpoint)
+        # Stopped at the next hook, once Lightning has logged this step's metrics.
+        self._saved = RunInterrupted(signum, trainer.global_step, str(self.checkpoint), "training")
+
+    def _stop_if_saved(self, *args: Any) -> None:
+        if self._saved is not None:
+            raise self._saved
+
+    # The hooks that may come next: the next step, the epoch's end or validation, the end.
+    on_validation_start = _stop_if_saved
+    on_train_epoch_end = _stop_if_saved
+    on_train_end = _stop_if_saved
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.interrupts.take_over()
+
+    def on_test_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        signum = self._asked(trainer)
+        if signum is not None:
+            raise RunInterrupted(signum, trainer.global_step, self.resumed_from, "testing")
+
+
+class _RunConfigRecord(Callback):
+    """Keeps in every checkpoint the settings it restores, so a resume can compare them."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.text = OmegaConf.to_yaml(_restored_settings(cfg))
+
+    @property
+    def state_key(self) -> str:
+        return _CONFIG_STATE_KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"restored": self.text}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # read before the run is built, by _check_resume
+
+
+def _restored_settings(cfg: DictConfig) -> DictConfig:
+    picked: dict[str, Any] = {}
+    for key in _RESTORED:
+        node = OmegaConf.select(cfg, key, default=None)
+        picked[key] = (
+            OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        )
+    algorithm: dict[str, Any] = {}
+    for key in _RESTORED_ALGORITHM:
+        value = OmegaConf.select(cfg, f"algorithm.{key}", default=None)
+        if value is not None:
+            algorithm[key] = value
+    picked["algorithm"] = algorithm
+    # Learned inner learning rates start from inner_optim.lr and are then restored.
+    if algorithm.get("learn_inner_lr"):
+        picked["inner_optim"] = {"lr": OmegaConf.select(cfg, "inner_optim.lr", default=None)}
+    return OmegaConf.create(picked)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _saved_settings(checkpoint: dict[str, Any], ckpt_path: str) -> tuple[DictConfig, str] | None:
+    state = (checkpoint.get("callbacks") or {}).get(_CONFIG_STATE_KEY)
+    if isinstance(state, dict) and isinstance(state.get("restored"), str):
+        loaded = OmegaConf.create(state["restored"])
+        if isinstance(loaded, DictConfig):
+            return loaded, f"ckpt_path={ckpt_path}"
+    try:
+        saved, run_dir = load_run_config(ckpt_path)
+    except ConfigError:
+        return None
+    return _restored_settings(saved), f"{run_dir / CONFIG_FILE}"
+
+
+def _check_resume(cfg: DictConfig, ckpt_path: str) -> int:
+    """Refuses a resume whose settings differ from what the checkpoint restores, in one line.
+
+    Returns the checkpoint's meta-iteration.
+    """
+    checkpoint = load_checkpoint_file(ckpt_path)
+    if "state_dict" not in checkpoint:
+        raise CorruptCheckpointError(
+            f"ckpt_path={ckpt_path} holds no state_dict: it is not a Lightning checkpoint of "
+            "a metalight run"
+        )
+    saved = _saved_settings(checkpoint, ckpt_path)
+    if saved is not None:
+        then = _flatten(OmegaConf.to_container(saved[0], resolve=True))
+        now = _flatten(OmegaConf.to_container(_restored_settings(cfg), resolve=True))
+        changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        if changed:
+            listing = "; ".join(
+                f"{k}={then.get(k)!r} there, {now.get(k)!r} here" for k in changed[:8]
+            )
+            more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} restores settings this run changes ({saved[1]}): "
+                f"{listing}{more}. A resume continues the saved model and optimizer as they "
+                "were: leave these overrides out to resume, or start a new run without "
+                "ckpt_path to train with other settings"
+            )
+    return int(checkpoint.get("global_step", 0))
+
+
+def _resume_command(ckpt: str | None) -> str:
+    """The command that resumes this run from ``ckpt`` (the same overrides, a new run dir)."""
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        task = OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or []
+        overrides = [
+            str(o) for o in task if not str(o).lstrip("+~").startswith(("ckpt_path=", "hydra."))
+        ]
+    if ckpt is None:
+        return shlex.join(["metalight", "train", *overrides])
+    return shlex.join(["metalight", "train", *overrides, f"ckpt_path={Path(ckpt).resolve()}"])
+
+
+def _remove_failed_start(run_dir: Path) -> None:
+    """Removes a run directory this process created when the run failed before saving any
+    checkpoint or result, so that failed starts leave no half-empty run behind."""
+    if not created_here(run_dir) or not run_dir.is_dir():
+        return
+    if (run_dir / RESULTS_FILE).exists() or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _checkpoint_dir(components: Components, run_dir: Path) -> Path:
+    for callback in components.trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath)
+    return run_dir / "checkpoints"
+
+
+def _finish_interrupted(
+    stop: RunInterrupted,
+    cfg: DictConfig,
+    components: Components | None,
+    run_dir: Path,
+    start_step: int,
+    seconds: float,
+) -> None:
+    name = signal.Signals(stop.signum).name
+    resume = _resume_command(stop.checkpoint)
+    results = _base_results(cfg, "train", run_dir)
+    results.update(
+        metrics={},
+        steps=stop.step,
+        steps_this_run=stop.step - start_step,
+        start_step=start_step,
+        seconds=seconds,
+        checkpoint=stop.checkpoint,
+        resumed_from=cfg.get("ckpt_path"),
+        interrupted={
+            "signal": name,
+            "phase": stop.phase,
+            "step": stop.step,
+            "checkpoint": stop.checkpoint,
+            "resume": resume,
+        },
+    )
+    files: dict[str, str] = {"config": str(run_dir / CONFIG_FILE)}
+    if components is not None and (csv_path := _csv_path(components)) is not None:
+        files["metrics_csv"] = str(csv_path)
+    results["files"] = files
+    try:
+        _save(run_dir, results)
+    finally:
+        print(format_summary(results), flush=True)
+        print(
+            f"metalight train: interrupted by {name} at meta-iteration {stop.step}; resume "
+            f"with: {resume}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -174,18 +531,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     The run directory receives ``config.yaml`` (the composed config, resolved),
     ``checkpoints/`` (``last.ckpt``), ``logs/metrics.csv`` (and ``tensorboard/`` when
-    installed), ``training_curves.png``, ``sinusoid_tasks.png`` for sinusoid data, and
-    ``results.json``. ``ckpt_path`` resumes training from a checkpoint.
+    installed), ``results.json``, then (best effort) ``training_curves.png`` and, for
+    sinusoid data, ``sinusoid_tasks.png``. ``ckpt_path`` resumes training from a checkpoint;
+    a resume may not change what the checkpoint restores (model, outer optimizer,
+    scheduler, algorithm).
+
+    ``SIGTERM`` and ``SIGINT`` (Ctrl-C) stop the run at the end of the step in progress: it
+    is saved to ``checkpoints/last.ckpt``, ``results.json`` records the interruption and the
+    command that resumes it, and :class:`RunInterrupted` is raised (the command exits with
+    143 or 130). The resumed run continues exactly as if it had never stopped.
 
     Args:
         cfg: a composed ``train`` config (``configs/train.yaml`` with overrides).
 
     Returns:
         ``{"metrics": {test metric: value}, "run_dir": str, "checkpoint": str | None,
-        "steps": int, "seconds": float, "recipe": ..., "files": {...}, ...}``.
+        "steps": int (in total), "steps_this_run": int, "seconds": float (this process's
+        training time), "recipe": ..., "files": {...}, ...}``.
 
     Raises:
-        ConfigError: for a value that cannot work (checked before anything is built).
+        ConfigError: for a value that cannot work (checked before anything is written).
+        RunInterrupted: when a signal stopped the run (after saving it).
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -197,34 +563,88 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         >>> results["metrics"]["test/loss_post"]  # doctest: +SKIP
         0.93
     """
+    interrupts = _Interrupts().install()
+    try:
+        return _train(cfg, interrupts)
+    finally:
+        interrupts.restore()
+
+
+def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a directory, not a checkpoint file; give a .ckpt file "
+            f"in it, e.g. ckpt_path={Path(str(ckpt_path)) / 'last.ckpt'}"
+        )
     validate_config(cfg)
     configure_torch(cfg)
     run_dir = resolve_run_dir(cfg)
-    if rank_zero_only.rank == 0:
-        _refuse_used(run_dir)
-    cfg = _with_run_dir(cfg, run_dir)
-    components = build(cfg)
-    if rank_zero_only.rank == 0:
-        atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    trainer = components.trainer
-    ckpt_path = cfg.get("ckpt_path")
-    start = time.monotonic()
-    trainer.fit(components.module, datamodule=components.datamodule, ckpt_path=ckpt_path)
-    seconds = time.monotonic() - start
-    test = trainer.test(components.module, datamodule=components.datamodule, verbose=False)
+    components: Components | None = None
+    start_step = 0
+    started = time.monotonic()
+    trained = False
+    try:
+        if rank_zero_only.rank == 0:
+            refuse_used_run_dir(run_dir, hydra_files=False)
+        if ckpt_path is not None:
+            start_step = _check_resume(cfg, str(ckpt_path))
+        cfg = _with_run_dir(cfg, run_dir)
+        components = build(cfg)
+        trainer = components.trainer
+        interrupt = _InterruptCallback(
+            interrupts, _checkpoint_dir(components, run_dir) / "last.ckpt"
+        )
+        interrupt.resumed_from = str(ckpt_path) if ckpt_path is not None else None
+        trainer.callbacks.extend([interrupt, _RunConfigRecord(cfg)])  # type: ignore[attr-defined]
+        if rank_zero_only.rank == 0:
+            atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        started = time.monotonic()
+        trainer.fit(components.module, datamodule=components.datamodule, ckpt_path=ckpt_path)
+        trained = True
+        seconds = time.monotonic() - started
+        if interrupts.signum is not None:  # came after the last step's check
+            raise RunInterrupted(
+                interrupts.signum, trainer.global_step, _last_checkpoint(components), "saving"
+            )
+        test = trainer.test(components.module, datamodule=components.datamodule, verbose=False)
+    except RunInterrupted as stop:
+        if stop.phase != "training" and stop.checkpoint is None and trained:
+            stop.checkpoint = _last_checkpoint(components) if components else None
+        if components is None or components.trainer.is_global_zero:
+            _finish_interrupted(
+                stop, cfg, components, run_dir, start_step, time.monotonic() - started
+            )
+        raise
+    except BaseException:
+        if rank_zero_only.rank == 0:
+            _remove_failed_start(run_dir)
+        raise
     results = _base_results(cfg, "train", run_dir)
     results.update(
         metrics=_float_metrics(test),
         steps=int(trainer.global_step),
+        steps_this_run=int(trainer.global_step) - start_step,
+        start_step=start_step,
         seconds=seconds,
         checkpoint=_last_checkpoint(components),
         resumed_from=ckpt_path,
     )
     if trainer.is_global_zero:
-        _write_pictures(components, run_dir, results, _csv_path(components))
-        results["files"]["config"] = str(run_dir / CONFIG_FILE)
-        _save(run_dir, results)
-        print(format_summary(results), flush=True)
+        # The results first, atomically: pictures are extras that must not cost them.
+        csv_path = _csv_path(components)
+        results["files"] = {"config": str(run_dir / CONFIG_FILE)}
+        if csv_path is not None:
+            results["files"]["metrics_csv"] = str(csv_path)
+        try:
+            _save(run_dir, results)
+        finally:
+            print(format_summary(results), flush=True)
+        if interrupts.signum is None and _write_pictures(components, run_dir, results, csv_path):
+            try:
+                _save(run_dir, results)
+            except DiskFullError as err:
+                _warn(f"{err}; results.json keeps the results without the pictures' names")
     return results
 
 
@@ -248,6 +668,11 @@ def load_run_config(ckpt_path: str | os.PathLike[str]) -> tuple[DictConfig, Path
         metalight.run.errors.ConfigError: ckpt_path=no/such.ckpt does not exist...
     """
     ckpt = Path(ckpt_path).expanduser()
+    if ckpt.is_dir():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a directory, not a checkpoint file; give a .ckpt file "
+            f"in it, e.g. ckpt_path={Path(ckpt_path) / 'last.ckpt'}"
+        )
     if not ckpt.is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path} does not exist (looked for {ckpt.resolve()}); give the "
@@ -317,18 +742,16 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 def _load_weights(module: L.LightningModule, ckpt_path: str | os.PathLike[str]) -> None:
     # Only the weights: restoring the whole training state through trainer.test(ckpt_path=)
     # would also ask for the training callbacks, which an evaluation does not use.
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint: {err}") from None
+    checkpoint = load_checkpoint_file(ckpt_path)
     if "state_dict" not in checkpoint:
         raise ConfigError(f"ckpt_path={ckpt_path} holds no state_dict: not a Lightning checkpoint")
-    module.on_load_checkpoint(checkpoint)
     try:
+        module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         raise ConfigError(
-            f"the weights in {ckpt_path} do not fit the model of its run's config.yaml: {err}"
+            f"the weights in {ckpt_path} do not fit the model of its run's config.yaml: "
+            f"{' '.join(str(err).split())}"
         ) from None
 
 

@@ -130,3 +130,33 @@ def assert_identical(got: Any, want: Any, where: str = "") -> None:
             assert_identical(a, b, f"{where}[{i}]")
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def start_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, name: str = "cli"
+) -> subprocess.Popen[bytes]:
+    """Starts ``python -m metalight.cli ARGS`` in ``cwd``, its output in ``cwd/NAME.out/.err``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    full_env = {**child_env(), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    with open(cwd / f"{name}.out", "wb") as out, open(cwd / f"{name}.err", "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "metalight.cli", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def finish_cli(proc: subprocess.Popen[bytes], cwd: Path, name: str = "cli") -> tuple[int, str, str]:
+    """Waits for a :func:`start_cli` process: ``(exit status, stdout, stderr)``."""
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    out = (cwd / f"{name}.out").read_text(errors="replace")
+    err = (cwd / f"{name}.err").read_text(errors="replace")
+    return proc.returncode, out, err
