@@ -16,7 +16,13 @@ Example:
 
 from metalight.bilevel.distill import Distill
 from metalight.bilevel.hyper import HyperLR
-from metalight.bilevel.module import BilevelModule, InnerBatch, SplitSource, mean_ci95
+from metalight.bilevel.module import (
+    BilevelModule,
+    InnerBatch,
+    SplitSource,
+    mean_ci95,
+    pop_baseline,
+)
 from metalight.bilevel.reweight import Reweight
 from metalight.bilevel.unroll import UnrollResult, unroll, update_per_parameter
 
@@ -29,6 +35,7 @@ __all__ = [
     "SplitSource",
     "UnrollResult",
     "mean_ci95",
+    "pop_baseline",
     "unroll",
     "update_per_parameter",
 ]

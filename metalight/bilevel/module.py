@@ -28,7 +28,7 @@ from metalight.data.streams import derive_seed
 from metalight.data.task import TaskBatch
 from metalight.optim.functional import BY_TORCH_CLASS, FunctionalOptimizer
 
-__all__ = ["BilevelModule", "InnerBatch", "SplitSource", "mean_ci95"]
+__all__ = ["BilevelModule", "InnerBatch", "SplitSource", "mean_ci95", "pop_baseline"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -57,6 +57,21 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     return mean, t * sd / math.sqrt(n)
+
+
+def pop_baseline(metrics: dict[str, float]) -> dict[str, float]:
+    """Move a run's ``baseline/...`` test metrics out of ``metrics``, renamed ``test/...``.
+
+    A :class:`BilevelModule` logs its plain counterpart under ``baseline/``; results list it
+    apart, in the same names as the method's, so that both print the same way.
+
+    Example:
+        >>> metrics = {"test/acc_post": 0.9, "baseline/acc_post": 0.8}
+        >>> pop_baseline(metrics), metrics
+        ({'test/acc_post': 0.8}, {'test/acc_post': 0.9})
+    """
+    keys = [key for key in metrics if key.startswith("baseline/")]
+    return {"test/" + key.removeprefix("baseline/"): metrics.pop(key) for key in keys}
 
 
 class InnerBatch(NamedTuple):

@@ -125,6 +125,9 @@ def format_summary(results: Mapping[str, Any]) -> str:
         metrics = results.get("metrics", {})
         test = format_metrics(metrics, "test", results.get("eval_inner_steps"))
         lines.append(f"  test      {test}")
+        if results.get("baseline"):
+            baseline = format_metrics(results["baseline"], "test", results.get("eval_inner_steps"))
+            lines.append(f"  baseline  {baseline}")
         if results.get("expected"):
             lines.append(f"  expected  {results['expected']}")
     lines.append(f"  run dir   {results.get('run_dir')}")

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from metalight.bilevel.module import pop_baseline
 from metalight.data.datamodule import SinusoidDataModule
 from metalight.lightning.checkpoint_io import (
     CorruptCheckpointError,
@@ -630,6 +631,8 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         checkpoint=_last_checkpoint(components),
         resumed_from=ckpt_path,
     )
+    if baseline := pop_baseline(results["metrics"]):
+        results["baseline"] = baseline
     if trainer.is_global_zero:
         # The results first, atomically: pictures are extras that must not cost them.
         csv_path = _csv_path(components)
