@@ -227,6 +227,10 @@ def _vectorized_unroll(
     order: adapted ones with a leading task dimension, the others the parameters themselves.
     """
     check_vectorizable(module)
+    if len(batch) == 0:
+        from metalight.lightning.module import _empty_batch_message
+
+        raise ValueError(_empty_batch_message(None))
     model = module.model
     named = list(model.named_parameters())
     names = [n for n, _ in named]

@@ -19,11 +19,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import CatMetric, MeanMetric
 
 from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, monkeypatch
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
+from metalight.lightning.metrics import EpisodeMetrics
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import differentiable_class, get_diff_optim
@@ -91,6 +91,14 @@ def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
     """Whether every entry of ``tensors`` is finite, with one host sync."""
     peak = _peak(tensors)
     return peak is None or math.isfinite(peak.item())
+
+
+def _empty_batch_message(batch_idx: int | None) -> str:
+    where = "the meta-batch" if batch_idx is None else f"meta-batch {batch_idx}"
+    return (
+        f"{where} holds no tasks: a meta-step needs at least one; check the data module's "
+        "meta_batch_size (and, under DDP, that it is at least the number of processes)"
+    )
 
 
 def _factory_or_deferred_error(value: Any, argument: str) -> Callable[..., Any]:
@@ -589,6 +597,8 @@ class MetaLearningModule(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        if len(batch) == 0:
+            raise ValueError(_empty_batch_message(batch_idx))
         if self._use_vectorized():
             return self._vectorized_training_step(batch, batch_idx)
         return self._loop_training_step(batch, batch_idx)
@@ -773,13 +783,7 @@ class MetaLearningModule(L.LightningModule):
 
     # --- evaluation -----------------------------------------------------------------------------
     def _setup_metrics(self) -> None:
-        self._metrics = nn.ModuleDict()
-        for stage in ("val", "test"):
-            names = ["loss_pre", "loss_post", "acc_pre", "acc_post"]
-            names += [f"{kind}_step{s}" for s in self.eval_report_steps for kind in ("loss", "acc")]
-            for name in names:
-                self._metrics[f"{stage}_{name}"] = MeanMetric()
-            self._metrics[f"{stage}_episodes"] = CatMetric()
+        self._metrics = EpisodeMetrics(self.eval_report_steps)
 
     def _evaluate(self, batch: TaskBatch, stage: str, batch_idx: int) -> None:
         if torch.is_inference_mode_enabled():
@@ -797,46 +801,42 @@ class MetaLearningModule(L.LightningModule):
                     if self.nan_policy != "skip":
                         raise NonFiniteError(f"{where}: {err}") from err
                     self._warn(f"skipping {where}: {err}")
+                    # Counted, never hidden: the logged means say how many were left out.
+                    self._metrics.record_diverged(
+                        stage, classification=self.is_classification(task.query_y)
+                    )
 
     def _evaluate_task(self, task: Task, stage: str) -> None:
         classification = self.is_classification(task.query_y)
-        m = self._metrics
+        values: dict[str, Tensor] = {}
 
-        def record(name: str, output: Tensor) -> Tensor:
-            loss = self.outer_loss(output, task.query_y, task).detach()
-            m[f"{stage}_loss_{name}"].update(loss)
-            if not classification:
-                return loss
-            acc = (output.argmax(-1) == task.query_y).float().mean()
-            m[f"{stage}_acc_{name}"].update(acc)
-            return acc
+        def record(name: str, output: Tensor) -> None:
+            values[f"loss_{name}"] = self.outer_loss(output, task.query_y, task).detach()
+            if classification:
+                values[f"acc_{name}"] = (output.argmax(-1) == task.query_y).float().mean()
 
         with torch.no_grad():
-            pre = self.model(task.query_x)
-        reported: list[tuple[str, Tensor]] = []
+            record("pre", self.model(task.query_x))
 
         def report(done: int, predict: Callable[[Tensor], Tensor]) -> None:
             if done in self.eval_report_steps:
                 with torch.no_grad():
-                    reported.append((f"step{done}", predict(task.query_x)))
+                    record(f"step{done}", predict(task.query_x))
 
         if 0 in self.eval_report_steps:
             report(0, self.model)
         adaptation = self.adapt(task, self.eval_inner_steps, create_graph=False, on_step=report)
         with torch.no_grad():
-            post = adaptation.predict(task.query_x)
-            post_loss = self.outer_loss(post, task.query_y, task)
+            record("post", adaptation.predict(task.query_x))
+        post_loss = values["loss_post"]
         if self.nan_policy != "off" and not bool(torch.isfinite(post_loss)):
             raise NonFiniteError(
                 f"non-finite query loss {post_loss.item()} after {self.eval_inner_steps} inner "
                 "steps"
             )
-        # Only an episode that adapted cleanly is recorded, all its metrics together.
-        record("pre", pre)
-        for name, output in reported:
-            record(name, output)
-        value = record("post", post)
-        m[f"{stage}_episodes"].update(value.reshape(1))
+        # An episode is recorded with all its metrics or, if any loss is NaN/Inf (possible
+        # with nan_policy="off"), counted as diverged.
+        self._metrics.record(stage, values, classification=classification)
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val", batch_idx)
@@ -851,30 +851,11 @@ class MetaLearningModule(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        m = self._metrics
-        classification = m[f"{stage}_acc_pre"].update_count > 0
-        for name, metric in m.items():
-            if not name.startswith(stage + "_") or name.endswith("_episodes"):
-                continue
-            if metric.update_count == 0 and not classification and "_acc_" in name:
-                continue
-            # torchmetrics already reduced the values across ranks; sync_dist only tells
-            # Lightning so.
-            self.log(
-                f"{stage}/{name[len(stage) + 1 :]}",
-                metric.compute(),
-                prog_bar="post" in name,
-                sync_dist=True,
-            )
-            metric.reset()
-        episodes = m[f"{stage}_episodes"]
-        values = episodes.compute() if episodes.update_count else torch.zeros(0)
-        if values.numel() > 1:
-            ci = 1.96 * values.float().std() / math.sqrt(values.numel())
-            key = "acc_post_ci95" if classification else "loss_post_ci95"
-            self.log(f"{stage}/{key}", ci, sync_dist=True)
-            self.log(f"{stage}/episodes", float(values.numel()), sync_dist=True)
-        episodes.reset()
+        # Reduced over ranks by the metrics already; sync_dist only tells Lightning so.
+        for key, value in self._metrics.compute(stage).items():
+            headline = key.endswith("_post")
+            self.log(key, value, prog_bar=headline, sync_dist=True)
+        self._metrics.reset(stage)
 
     # --- optimizers -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
