@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,7 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import metalight
-from metalight.optim import DifferentiableOptimizer
+from metalight.optim import DifferentiableAdam, DifferentiableOptimizer, DifferentiableSGD, registry
+from metalight.optim.unroll import run_unroll
+
+
+@pytest.fixture(autouse=True)
+def _restore_optimizer_registry() -> Iterator[None]:
+    """Registrations made by a test do not leak into the next one."""
+    saved = registry.registered_optimizers()
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -222,3 +233,168 @@ def test_test_mode_unroll_keeps_no_graph() -> None:
     with ctx as (fmodel, diffopt):
         final = diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 3)
     assert all(p.grad_fn is None for p in final)
+
+
+class CountingAdam(DifferentiableAdam):
+    """The built-in Adam, counting how often its state is written into higher's dicts."""
+
+    writes = 0
+
+    def _write_dicts(self, states: object) -> None:
+        type(self).writes += 1
+        super()._write_dicts(states)  # type: ignore[arg-type]
+
+
+class AdamForCounting(torch.optim.Adam):
+    pass
+
+
+@pytest.mark.parametrize("how", ["step", "unroll", "checkpoint", "truncate"])
+def test_optimizer_state_is_stored_once_and_matches_torch_optim(how: str) -> None:
+    metalight.register_optim(AdamForCounting, CountingAdam)
+    CountingAdam.writes = 0
+    model = make_model(5)
+    ref = copy.deepcopy(model)
+    xs, ys, _, _ = make_data(5)
+    opt = AdamForCounting(model.parameters(), lr=0.03, foreach=False)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.03, foreach=False)
+    policy = {"checkpoint": {"checkpoint": True}, "truncate": {"truncate": 2}}.get(how, {})
+    with metalight.innerloop_ctx(model, opt, **policy) as (fmodel, diffopt):
+        if how == "step":
+            for _ in range(4):
+                diffopt.step(F.mse_loss(fmodel(xs), ys))
+        else:
+            diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 4)
+        assert CountingAdam.writes == 0
+        for _ in range(4):
+            ref_opt.zero_grad()
+            F.mse_loss(ref(xs), ys).backward()
+            ref_opt.step()
+        for i, p in enumerate(ref.parameters()):
+            got, want = diffopt.state[0][i], ref_opt.state[p]
+            assert got["step"] == 4
+            torch.testing.assert_close(got["exp_avg"], want["exp_avg"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got["exp_avg_sq"], want["exp_avg_sq"])
+        assert CountingAdam.writes == 1
+        # The groups hold the latest fast weights, as higher's do.
+        assert all(a is b for a, b in zip(diffopt.param_groups[0]["params"], fmodel.fast_params))
+        # Stepping on after the state was read continues from it.
+        if how == "step":
+            diffopt.step(F.mse_loss(fmodel(xs), ys))
+        else:
+            diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 1)
+        ref_opt.zero_grad()
+        F.mse_loss(ref(xs), ys).backward()
+        ref_opt.step()
+        for a, b in zip(fmodel.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert diffopt.state[0][0]["step"] == 5
+
+
+class LoggedSGD(DifferentiableSGD):
+    """A built-in extended through higher's protocol: its _update must run at every step."""
+
+    calls = 0
+
+    def _update(self, grouped_grads: list, **kwargs: object) -> None:  # type: ignore[override]
+        type(self).calls += 1
+        super()._update(grouped_grads, **kwargs)
+
+
+class SGDForLogging(torch.optim.SGD):
+    pass
+
+
+def test_a_built_in_subclass_with_its_own_update_keeps_the_protocol() -> None:
+    metalight.register_optim(SGDForLogging, LoggedSGD)
+    LoggedSGD.calls = 0
+    model = make_model(6)
+    xs, ys, xq, yq = make_data(6)
+    opt = SGDForLogging(model.parameters(), lr=0.1, momentum=0.9)
+    ctx = metalight.innerloop_ctx(model, opt, copy_initial_weights=False)
+    with ctx as (fmodel, diffopt):
+        assert not diffopt.supports_pure_step
+        diffopt.step(F.mse_loss(fmodel(xs), ys))
+        diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 2)
+        F.mse_loss(fmodel(xq), yq).backward()
+    assert LoggedSGD.calls == 3
+    got = [p.grad.clone() for p in model.parameters()]
+    # The reference: hand-written SGD with momentum, second order throughout.
+    params, bufs = list(model.parameters()), []
+    names = [n for n, _ in model.named_parameters()]
+    for step in range(3):
+        out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xs,))
+        grads = torch.autograd.grad(F.mse_loss(out, ys), params, create_graph=True)
+        bufs = list(grads) if step == 0 else [0.9 * b + g for b, g in zip(bufs, grads)]
+        params = [p - 0.1 * b for p, b in zip(params, bufs, strict=True)]
+    out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xq,))
+    want = torch.autograd.grad(F.mse_loss(out, yq), list(model.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with (
+        pytest.raises(TypeError, match="checkpoint=True needs a built-in"),
+        metalight.innerloop_ctx(model, opt, checkpoint=True),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("name", ["sgd", "custom"])
+def test_first_order_is_an_argument_of_the_step_not_a_toggled_attribute(name: str) -> None:
+    if name == "custom":
+
+        class PlainSGD(torch.optim.SGD):
+            pass
+
+        metalight.register_optim(PlainSGD, InPlaceSGD)
+        factory = PlainSGD
+    else:
+        factory = torch.optim.SGD
+    model = make_model(7)
+    xs, ys, xq, yq = make_data(7)
+    fmodel = metalight.monkeypatch(model, copy_initial_weights=False)
+    opt = factory(model.parameters(), lr=0.1)
+    diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+    run_unroll(
+        fmodel,
+        diffopt,
+        lambda params: F.mse_loss(fmodel(xs, params=params), ys),
+        3,
+        metalight.UnrollPolicy(first_order=True),
+    )
+    assert diffopt.first_order is False
+    F.mse_loss(fmodel(xq), yq).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    # First-order MAML by hand: gradients as constants, identity Jacobians through updates.
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    for _ in range(3):
+        out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xs,))
+        grads = torch.autograd.grad(F.mse_loss(out, ys), params)
+        params = [p - 0.1 * g for p, g in zip(params, grads, strict=True)]
+    out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xq,))
+    want = torch.autograd.grad(F.mse_loss(out, yq), list(model.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # The one-step form takes it per call as well.
+    loss = F.mse_loss(fmodel(xs), ys)
+    new = diffopt.inner_step(loss, first_order=True)
+    assert diffopt.first_order is False and all(p.requires_grad for p in new)
+
+
+def test_public_step_names_and_their_old_aliases() -> None:
+    model = make_model(8)
+    xs, ys, _, _ = make_data(8)
+    clip = lambda grads: [g.clamp(-1e-3, 1e-3) for g in grads]  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with metalight.innerloop_ctx(model, opt, grad_callback=clip) as (fmodel, diffopt):
+        assert diffopt.grad_callback is clip and diffopt._grad_callback is clip
+        diffopt.apply_override({"lr": 0.5})
+        assert diffopt.param_groups[0]["lr"] == 0.5
+        diffopt._apply_override({"lr": [0.25]})
+        assert diffopt.param_groups[0]["lr"] == 0.25
+        before = [p.detach().clone() for p in fmodel.parameters()]
+        diffopt._step(F.mse_loss(fmodel(xs), ys))
+        for a, b in zip(fmodel.parameters(), before, strict=True):
+            assert 0 < (a - b).abs().max() <= 0.25 * 1e-3 + 1e-15
+        diffopt.grad_callback = None
+        assert diffopt._grad_callback is None

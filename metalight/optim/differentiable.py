@@ -16,23 +16,17 @@ known with :func:`metalight.optim.register_optim`.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from metalight.optim.functional import FunctionalOptimizer
-
-if TYPE_CHECKING:
-    from metalight.unroll import UnrollPolicy
+from metalight.optim.unroll import GradCallback, Override, StepOverride, UnrollPolicy, run_unroll
 
 __all__ = ["DifferentiableOptimizer", "FunctionalCoreOptimizer", "GradCallback", "Override"]
-
-GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
-Override = Mapping[str, Any]
 
 
 def _is_per_group(value: Any) -> bool:
@@ -134,7 +128,7 @@ class DifferentiableOptimizer:
 
     @property
     def track_higher_grads(self) -> bool:
-        """Whether steps keep the graph needed for higher-order gradients."""
+        """Whether steps keep the graph needed for higher-order gradients (settable)."""
         return self._track_higher_grads
 
     @track_higher_grads.setter
@@ -143,14 +137,55 @@ class DifferentiableOptimizer:
 
     @property
     def first_order(self) -> bool:
-        """Whether steps use first-order gradients (settable per step: truncated unrolls)."""
+        """The default of :meth:`inner_step`'s ``first_order`` (set at construction).
+
+        The unroll loop passes ``first_order`` to each step instead of setting this.
+        """
         return self._first_order
 
     @first_order.setter
     def first_order(self, value: bool) -> None:
         self._first_order = bool(value)
 
-    def _apply_override(self, override: Override) -> None:
+    @property
+    def grad_callback(self) -> GradCallback | None:
+        """The constructor's ``grad_callback`` (None: gradients are used as they are)."""
+        return self._grad_callback
+
+    @grad_callback.setter
+    def grad_callback(self, value: GradCallback | None) -> None:
+        self._grad_callback = value
+
+    @property
+    def supports_pure_step(self) -> bool:
+        """Whether the update is a pure function of ``(params, states, hypers)``.
+
+        False here: a custom optimizer updates in place through ``_update``. Built-in
+        optimizers (:class:`FunctionalCoreOptimizer`) say True unless a subclass replaces
+        their ``_update``.
+        """
+        return False
+
+    def apply_override(self, override: Override) -> None:
+        """Replace hyperparameters of the groups, for the next step and after.
+
+        Args:
+            override: ``{key: value}`` or ``{key: [value per group]}`` (one value for all
+                groups or one per group); keys must be keys of the groups (``lr``, ...).
+
+        Raises:
+            ValueError: a key the groups do not have, or a wrong number of values.
+
+        Example:
+            >>> import torch
+            >>> import metalight
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> diffopt = metalight.get_diff_optim(opt, model.parameters())
+            >>> diffopt.apply_override({"lr": [0.5]})
+            >>> diffopt.param_groups[0]["lr"]
+            0.5
+        """
         n = len(self.param_groups)
         valid = sorted({k for group in self.param_groups for k in group} - {"params"})
         for key in override:
@@ -170,6 +205,10 @@ class DifferentiableOptimizer:
                 )
             for group, v in zip(self.param_groups, values, strict=True):
                 group[key] = v
+
+    # Thin aliases of the public names for callers written before they existed.
+    def _apply_override(self, override: Override) -> None:
+        self.apply_override(override)
 
     def step(
         self,
@@ -208,13 +247,13 @@ class DifferentiableOptimizer:
                 "function to recompute it): run the loop with diffopt.unroll(loss_fn, steps), "
                 "where loss_fn(params) computes the inner loss with fmodel(x, params=params)"
             )
-        return self._step(loss, params, override, grad_callback, **kwargs)
+        return self.inner_step(loss, params, override, grad_callback, **kwargs)
 
     def unroll(
         self,
         loss_fn: Callable[[list[Tensor]], Tensor],
         steps: int,
-        override: Override | Callable[[int], Override | None] | None = None,
+        override: Override | StepOverride | None = None,
     ) -> list[Tensor]:
         """Take ``steps`` steps on ``loss_fn`` under the inner loop's unroll policy.
 
@@ -255,8 +294,6 @@ class DifferentiableOptimizer:
             >>> model.weight.grad.shape
             torch.Size([1, 2])
         """
-        from metalight.unroll import UnrollPolicy, run_unroll
-
         if self._fmodel is None:
             raise ValueError(
                 "unroll() needs the functional model: open the loop with innerloop_ctx, or "
@@ -269,32 +306,45 @@ class DifferentiableOptimizer:
             policy = UnrollPolicy(
                 first_order=True, truncate=policy.truncate, checkpoint=policy.checkpoint
             )
-        per_step = override if callable(override) else (lambda _step: override)
-        first_order = self._first_order
-        try:
-            run_unroll(
-                self._fmodel,
-                self,
-                loss_fn,
-                steps,
-                policy,
-                create_graph=self._track_higher_grads,
-                override=per_step,
-            )
-        finally:
-            self._first_order = first_order
+
+        def per_step(step: int) -> Override | None:
+            return override(step) if callable(override) else override
+
+        run_unroll(
+            self._fmodel,
+            self,
+            loss_fn,
+            steps,
+            policy,
+            create_graph=self._track_higher_grads,
+            override=per_step,
+        )
         return list(self._fmodel.fast_params or [])
 
-    def _step(
+    def inner_step(
         self,
         loss: Tensor,
         params: Iterable[Tensor] | None = None,
         override: Override | None = None,
         grad_callback: GradCallback | None = None,
+        *,
+        first_order: bool | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
+        """One step as :meth:`step` takes it, without the unroll-policy check.
+
+        The unroll loop's building block for optimizers without a pure step.
+
+        Args:
+            loss, params, override, grad_callback, **kwargs: as in :meth:`step`.
+            first_order: gradients without a graph of their own for this step (None: the
+                constructor's ``first_order``).
+
+        Returns:
+            The new fast weights (also the fmodel's latest when there is one).
+        """
         if override is not None:
-            self._apply_override(override)
+            self.apply_override(override)
         if params is None:
             if self._fmodel is None or self._fmodel.fast_params is None:
                 raise ValueError(
@@ -308,28 +358,49 @@ class DifferentiableOptimizer:
                 f"step() got {len(params)} params but the optimizer was built over "
                 f"{self._num_params} reference parameters"
             )
-        grads = self._grads(loss, params)
+        grads = self._grads(loss, params, first_order)
         grads = self._call_grad_callback(
             grad_callback if grad_callback is not None else self._grad_callback, grads
         )
+        if self._track_higher_grads:
+            new_params = self._stateful_update(grads, params, **kwargs)
+        else:
+            # In test mode no graph is wanted, so the update itself records none either.
+            with torch.no_grad():
+                new_params = self._stateful_update(grads, params, **kwargs)
+            new_params = [
+                p.detach().requires_grad_(old.requires_grad)
+                for p, old in zip(new_params, params, strict=True)
+            ]
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        return self.inner_step(loss, params, override, grad_callback, **kwargs)
+
+    def _stateful_update(
+        self, grads: list[Tensor | None], params: list[Tensor], **kwargs: Any
+    ) -> list[Tensor]:
+        """higher's protocol: fast weights into the groups, ``_update``, fast weights out."""
         grouped_grads = []
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             group_params = group["params"]
             for i, index in enumerate(indices):
                 group_params[i] = params[index]
             grouped_grads.append([grads[index] for index in indices])
-        track = self._track_higher_grads
-        # In test mode no graph is wanted, so the update itself records none either.
-        with contextlib.nullcontext() if track else torch.no_grad():
-            self._update(grouped_grads, **kwargs)
+        self._update(grouped_grads, **kwargs)
         new_params = params[:]
         for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
             for p, index in zip(group["params"], indices, strict=True):
-                new_params[index] = (
-                    p if track else p.detach().requires_grad_(params[index].requires_grad)
-                )
-        if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+                new_params[index] = p
         return new_params
 
     def _grads(
@@ -391,21 +462,95 @@ class DifferentiableOptimizer:
             f"{type(self).__name__} must implement _update(grouped_grads, **kwargs)"
         )
 
+    # The pure-step part of the unroll loop's protocol; only built-in optimizers have it.
+    def _no_pure_step(self) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} updates in place through _update and has no pure step; "
+            "only built-in optimizers (metalight.optim.FunctionalCoreOptimizer) have one"
+        )
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """The hyperparameters of each group (built-in optimizers only)."""
+        raise self._no_pure_step()
+
+    def group_states(self, params: Sequence[Tensor]) -> list[Any]:
+        """Each group's state for the pure step (built-in optimizers only)."""
+        raise self._no_pure_step()
+
+    def store_group_states(
+        self, states: Sequence[Any], params: Sequence[Tensor] | None = None
+    ) -> None:
+        """Keep states of the pure step (built-in optimizers only)."""
+        raise self._no_pure_step()
+
+    def pure_step(
+        self,
+        loss: Tensor,
+        params: Sequence[Tensor],
+        states: Sequence[Any],
+        hypers: Sequence[dict[str, Any]],
+        first_order: bool = False,
+    ) -> tuple[list[Tensor], list[Any]]:
+        """One step on explicit parameters and states (built-in optimizers only)."""
+        raise self._no_pure_step()
+
 
 class FunctionalCoreOptimizer(DifferentiableOptimizer):
     """A differentiable optimizer whose update is a pure :class:`FunctionalOptimizer`.
 
     Besides higher's stateful ``step``, it offers a side-effect-free step on explicit
-    parameters and states (:meth:`pure_step`), which recomputing unroll policies need.
+    parameters and states (:meth:`pure_step`): every path (``step``, ``unroll``, the
+    checkpointed and the task-vectorised unrolls) goes through that one step. Between
+    steps the state stays in the core's NamedTuples; higher's per-parameter dicts
+    (``diffopt.state[g][i]``) are filled from them when read.
+
+    Example:
+        >>> import torch
+        >>> import metalight
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> fmodel = metalight.monkeypatch(model)
+        >>> diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+        >>> params = fmodel.fast_params
+        >>> states = diffopt.group_states(params)
+        >>> loss = fmodel(torch.ones(1, 2), params=params).sum()
+        >>> params, states = diffopt.pure_step(loss, params, states, diffopt.hyperparameters())
+        >>> states[0].step
+        [1, 1]
+        >>> diffopt.state[0][0]["step"]  # the optimizer's own state did not move
+        0
     """
 
     core: ClassVar[FunctionalOptimizer]
     _initialised: set[int]
+    _core_states: list[Any] | None
+    _state_dicts: list[collections.defaultdict[int, dict[str, Any]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # ids of per-parameter state dicts already initialised (they live as long as self)
         self._initialised = set()
+        # The states of the last step in the core's form, not yet written into the dicts.
+        self._core_states = None
         super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def state(self) -> list[collections.defaultdict[int, dict[str, Any]]]:
+        """higher's per-group, per-parameter state dicts (``state[g][i]["exp_avg"]``)."""
+        if self._core_states is not None:
+            # Written once when read, not at every step; the dicts are authoritative after.
+            self._write_dicts(self._core_states)
+            self._core_states = None
+        return self._state_dicts
+
+    @state.setter
+    def state(self, value: list[collections.defaultdict[int, dict[str, Any]]]) -> None:
+        self._state_dicts = value
+        self._core_states = None
+
+    @property
+    def supports_pure_step(self) -> bool:
+        """True unless a subclass replaces ``_update`` (then it runs, statefully)."""
+        return type(self)._update is FunctionalCoreOptimizer._update
 
     def hyperparameters(self) -> list[dict[str, Any]]:
         """The core's hyperparameters of each group, as they are now."""
@@ -414,11 +559,13 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
 
     def group_states(self, params: Sequence[Tensor]) -> list[Any]:
         """Each group's state as the core's NamedTuple (fresh entries initialised)."""
+        if self._core_states is not None:
+            return list(self._core_states)
         core = self.core
-        fields = core.state_type._fields
+        fields = core.state_type._fields  # type: ignore[attr-defined]
         states = []
         for state, indices, hyper in zip(
-            self.state, self._group_to_param_list, self.hyperparameters(), strict=True
+            self._state_dicts, self._group_to_param_list, self.hyperparameters(), strict=True
         ):
             entries = [state[i] for i in range(len(indices))]
             # An optimizer whose state stays empty (SGD without momentum) would otherwise be
@@ -438,10 +585,22 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
             states.append(core.state_type(*[[e.get(f) for e in entries] for f in fields]))
         return states
 
-    def store_group_states(self, states: Sequence[Any]) -> None:
-        """Write NamedTuple group states back into ``self.state``."""
-        fields = self.core.state_type._fields
-        for state, new_state in zip(self.state, states, strict=True):
+    def store_group_states(
+        self, states: Sequence[Any], params: Sequence[Tensor] | None = None
+    ) -> None:
+        """Keep ``states`` as the optimizer's state (and ``params`` as the groups' weights).
+
+        Kept in the core's form: the next step reads them as they are, and higher's
+        per-parameter dicts are filled from them only when :attr:`state` is read.
+        """
+        self._core_states = list(states)
+        if params is not None:
+            for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
+                group["params"][:] = [params[i] for i in indices]
+
+    def _write_dicts(self, states: Sequence[Any]) -> None:
+        fields = self.core.state_type._fields  # type: ignore[attr-defined]
+        for state, new_state in zip(self._state_dicts, states, strict=True):
             for field, values in zip(fields, new_state, strict=True):
                 for i, v in enumerate(values):
                     if v is None:
@@ -476,12 +635,40 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
         hypers: Sequence[dict[str, Any]],
         first_order: bool = False,
     ) -> tuple[list[Tensor], list[Any]]:
-        """One step on explicit parameters and states, touching nothing else."""
-        grads = self._grads(loss, list(params), first_order=first_order)
+        """One step on explicit parameters and states, touching nothing else.
+
+        The gradients of ``loss`` (through the constructor's ``grad_callback``) feed the
+        core's update of every group. With ``track_higher_grads=False`` the new weights
+        carry no graph.
+
+        Returns:
+            ``(new_params, new_states)``.
+        """
+        params = list(params)
+        grads = self._grads(loss, params, first_order=first_order)
         grads = self._call_grad_callback(self._grad_callback, grads)
-        return self.update_groups(grads, params, states, hypers)
+        if self._track_higher_grads:
+            return self.update_groups(grads, params, states, hypers)
+        with torch.no_grad():
+            new_params, new_states = self.update_groups(grads, params, states, hypers)
+        return [
+            p.detach().requires_grad_(old.requires_grad)
+            for p, old in zip(new_params, params, strict=True)
+        ], new_states
+
+    def _stateful_update(
+        self, grads: list[Tensor | None], params: list[Tensor], **kwargs: Any
+    ) -> list[Tensor]:
+        if not self.supports_pure_step or kwargs:
+            return super()._stateful_update(grads, params, **kwargs)
+        new_params, new_states = self.update_groups(
+            grads, params, self.group_states(params), self.hyperparameters()
+        )
+        self.store_group_states(new_states, new_params)
+        return new_params
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        # higher's protocol, for subclasses that extend it with super()._update(...).
         params: list[Tensor] = [None] * self._num_params  # type: ignore[list-item]
         grads: list[Tensor | None] = [None] * self._num_params
         for group, group_grads, indices in zip(
@@ -492,6 +679,4 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
         new_params, new_states = self.update_groups(
             grads, params, self.group_states(params), self.hyperparameters()
         )
-        self.store_group_states(new_states)
-        for group, indices in zip(self.param_groups, self._group_to_param_list, strict=True):
-            group["params"][:] = [new_params[i] for i in indices]
+        self.store_group_states(new_states, new_params)

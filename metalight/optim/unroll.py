@@ -1,0 +1,510 @@
+"""The unroll loop and its policies, written once over what it needs from an optimizer.
+
+This module sits below the stateful optimizers (:mod:`metalight.optim.differentiable`
+imports it, never the reverse): the loop knows an optimizer only through the small
+:class:`InnerOptimizer` protocol and a functional model only through :class:`FastWeights`.
+
+Two paths, one step each:
+
+- Built-in optimizers (``supports_pure_step``): the loop carries ``(params, states)``
+  through the optimizer's one pure step (:meth:`InnerOptimizer.pure_step`), reading the
+  state once before the first step and storing it once after the last. A checkpointed
+  unroll wraps the same pure step in a node that recomputes it in the backward pass.
+- Custom optimizers written for higher (a stateful ``_update``): one
+  :meth:`InnerOptimizer.inner_step` per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FastWeights",
+    "GradCallback",
+    "InnerOptimizer",
+    "Override",
+    "UnrollPolicy",
+    "checkpointed_unroll",
+    "run_unroll",
+]
+
+GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
+"""Maps the list of gradients (None where a fast weight got none) to new ones."""
+
+Override = Mapping[str, Any]
+"""Hyperparameters replacing a group's: ``{"lr": [one_value]}`` or one value per group."""
+
+StepOverride = Callable[[int], Override | None]
+"""Hyperparameters of inner step ``step`` (0-based), or None to keep the current ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrollPolicy:
+    """How much of a k-step unroll the meta-gradient flows through.
+
+    Args:
+        first_order: every step first-order (FOMAML): gradients carry no graph of their own,
+            the fast weights stay differentiable w.r.t. the initial ones with identity
+            Jacobians through each update.
+        truncate: second order through the last ``truncate`` steps only; earlier steps run
+            first-order (no higher-order graph is kept for them), and the optimizer state
+            (momentum, Adam moments) carries across the boundary. None: all steps.
+        checkpoint: recompute each inner step's activations in the backward pass instead
+            of storing them: memory grows with the number of steps only by the fast
+            weights and optimizer state. Needs a built-in (functional-core) optimizer.
+
+    Example:
+        >>> from metalight.unroll import UnrollPolicy
+        >>> policy = UnrollPolicy(truncate=2)
+        >>> [policy.first_order_at(step, 5) for step in range(5)]
+        [True, True, True, False, False]
+    """
+
+    first_order: bool = False
+    truncate: int | None = None
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a truncation that is not a count of steps."""
+        if self.truncate is not None and (not isinstance(self.truncate, int) or self.truncate < 0):
+            raise ValueError(
+                f"truncate must be None or an integer >= 0 (the number of last inner steps the "
+                f"meta-gradient flows through), got {self.truncate!r}"
+            )
+
+    def first_order_at(self, step: int, steps: int) -> bool:
+        """Whether inner step ``step`` (0-based) of ``steps`` runs first-order."""
+        if self.first_order:
+            return True
+        return self.truncate is not None and step < steps - self.truncate
+
+
+class FastWeights(Protocol):
+    """What the loop needs from a functional model: its latest fast weights."""
+
+    @property
+    def fast_params(self) -> list[Tensor] | None:
+        """The latest fast weights (None before any)."""
+        ...
+
+    def update_params(self, params: Iterable[Tensor]) -> None:
+        """Make ``params`` the latest fast weights."""
+        ...
+
+
+class InnerOptimizer(Protocol):
+    """What the loop needs from a differentiable optimizer.
+
+    :class:`~metalight.optim.DifferentiableOptimizer` provides all of it; the pure-step
+    methods work only where ``supports_pure_step`` is true (built-in optimizers).
+    """
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether steps keep the graph needed for higher-order gradients."""
+        ...
+
+    @property
+    def supports_pure_step(self) -> bool:
+        """Whether the update is a pure function of ``(params, states, hypers)``."""
+        ...
+
+    def apply_override(self, override: Override) -> None:
+        """Replace hyperparameters of the groups (this step and after)."""
+        ...
+
+    def inner_step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        *,
+        first_order: bool | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """One stateful step on ``loss``; returns (and records) the new fast weights."""
+        ...
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """The hyperparameters of each group, as they are now."""
+        ...
+
+    def group_states(self, params: Sequence[Tensor]) -> list[Any]:
+        """Each group's optimizer state (fresh entries initialised for ``params``)."""
+        ...
+
+    def store_group_states(
+        self, states: Sequence[Any], params: Sequence[Tensor] | None = None
+    ) -> None:
+        """Keep ``states`` (and the fast weights ``params``) as the optimizer's own."""
+        ...
+
+    def pure_step(
+        self,
+        loss: Tensor,
+        params: Sequence[Tensor],
+        states: Sequence[Any],
+        hypers: Sequence[dict[str, Any]],
+        first_order: bool = False,
+    ) -> tuple[list[Tensor], list[Any]]:
+        """One step on explicit parameters and states, touching nothing else."""
+        ...
+
+
+class _Slot(int):
+    """Marks where a tensor of a flattened structure goes back."""
+
+
+def _flatten_hypers(
+    hypers: Sequence[dict[str, Any]],
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[dict[str, Any]]]]:
+    """Tensor hyperparameters (learnable rates) as explicit inputs of a recomputed step."""
+    tensors: list[Tensor] = []
+    layout: list[dict[str, Any]] = []
+    for hyper in hypers:
+        entry: dict[str, Any] = {}
+        for key, value in hyper.items():
+            if isinstance(value, Tensor):
+                entry[key] = _Slot(len(tensors))
+                tensors.append(value)
+            elif isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value):
+                slots: list[Any] = []
+                for v in value:
+                    if isinstance(v, Tensor):
+                        slots.append(_Slot(len(tensors)))
+                        tensors.append(v)
+                    else:
+                        slots.append(v)
+                entry[key] = tuple(slots)
+            else:
+                entry[key] = value
+        layout.append(entry)
+
+    def rebuild(new: Sequence[Tensor]) -> list[dict[str, Any]]:
+        def put(v: Any) -> Any:
+            if isinstance(v, _Slot):
+                return new[v]
+            if isinstance(v, tuple):
+                return tuple(put(x) for x in v)
+            return v
+
+        return [{k: put(v) for k, v in entry.items()} for entry in layout]
+
+    return tensors, rebuild
+
+
+def _flatten_state(
+    states: Sequence[Any],
+) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Any]]]:
+    """Tensors of NamedTuple group states, and a function that puts tensors back."""
+    tensors: list[Tensor] = []
+    layout: list[tuple[type, list[list[Any]]]] = []
+    for state in states:
+        fields = []
+        for values in state:
+            slots: list[Any] = []
+            for v in values:
+                if isinstance(v, Tensor):
+                    slots.append(_Slot(len(tensors)))
+                    tensors.append(v)
+                else:
+                    slots.append(v)
+            fields.append(slots)
+        layout.append((type(state), fields))
+
+    def rebuild(new: Sequence[Tensor]) -> list[Any]:
+        return [
+            state_type(
+                *[[new[v] if isinstance(v, _Slot) else v for v in slots] for slots in fields]
+            )
+            for state_type, fields in layout
+        ]
+
+    return tensors, rebuild
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One inner step that keeps only its inputs and recomputes its graph in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Any:
+        ctx.run = run
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            # The forward pass needs first-order gradients only, and no graph survives it.
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outputs = run(leaves, create_graph=False)
+        outputs = tuple(o.detach() for o in outputs)
+        ctx.mark_non_differentiable(outputs[-1])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
+        inputs = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outputs = ctx.run(leaves, create_graph=True)[:-1]
+            pairs = [
+                (o, g)
+                for o, g in zip(outputs, grad_outputs[:-1], strict=True)
+                if o.requires_grad and g is not None
+            ]
+            wrt = [t for t in leaves if t.requires_grad]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                )
+                if pairs and wrt
+                else [None] * len(wrt)
+            )
+        return (None, *[next(found) if t.requires_grad else None for t in leaves])
+
+
+def _recomputed_step(
+    diffopt: InnerOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    params: list[Tensor],
+    states: list[Any],
+    hypers: list[dict[str, Any]],
+    first_order: bool,
+) -> tuple[list[Tensor], list[Any], Tensor]:
+    """The pure step as one autograd node that keeps only its inputs."""
+    n = len(params)
+    hyper_tensors, rebuild_hypers = _flatten_hypers(hypers)
+    state_tensors, rebuild_state = _flatten_state(states)
+    n_state = len(state_tensors)
+    structure: list[Callable[[Sequence[Tensor]], list[Any]]] = []
+
+    def run(inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
+        current = list(inputs[:n])
+        loss = support_loss(current)
+        new_params, new_states = diffopt.pure_step(
+            loss,
+            current,
+            rebuild_state(inputs[n : n + n_state]),
+            rebuild_hypers(inputs[n + n_state :]),
+            first_order=first_order or not create_graph,
+        )
+        new_tensors, new_rebuild = _flatten_state(new_states)
+        if not structure:
+            structure.append(new_rebuild)
+        return (*new_params, *new_tensors, loss.detach())
+
+    outputs = _RecomputedStep.apply(run, *params, *state_tensors, *hyper_tensors)
+    return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
+
+
+def _pure_unroll(
+    fmodel: FastWeights,
+    diffopt: InnerOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    *,
+    checkpoint: bool,
+    first_order_at: Callable[[int], bool],
+    override: StepOverride | None,
+    on_loss: Callable[[Tensor, int], None] | None,
+    after_step: Callable[[int], None] | None,
+) -> None:
+    """The loop of built-in optimizers: ``(params, states)`` through the one pure step."""
+    params = list(fmodel.fast_params or [])
+    states = diffopt.group_states(params)
+    track = diffopt.track_higher_grads
+    for step in range(steps):
+        if override is not None and (values := override(step)) is not None:
+            diffopt.apply_override(values)
+        hypers = diffopt.hyperparameters()
+        first_order = first_order_at(step)
+        # The backward pass starts with the last step: its graph is kept from the forward
+        # pass rather than rebuilt, which saves one recomputation at one step's memory.
+        if checkpoint and step < steps - 1:
+            params, states, detached = _recomputed_step(
+                diffopt, support_loss, params, states, hypers, first_order
+            )
+            if on_loss is not None:
+                on_loss(detached, step)
+        else:
+            loss = support_loss(params)
+            if on_loss is not None:
+                on_loss(loss.detach(), step)
+            # In test mode no graph is wanted, so the update itself records none either.
+            with torch.set_grad_enabled(track and torch.is_grad_enabled()):
+                new_params, states = diffopt.pure_step(loss, params, states, hypers, first_order)
+            if not track:
+                new_params = [
+                    p.detach().requires_grad_(old.requires_grad)
+                    for p, old in zip(new_params, params, strict=True)
+                ]
+            params = new_params
+        fmodel.update_params(params)
+        if after_step is not None:
+            after_step(step + 1)
+    diffopt.store_group_states(states, params)
+
+
+def _refuse_stateful(diffopt: InnerOptimizer) -> None:
+    if not diffopt.supports_pure_step:
+        raise TypeError(
+            f"the checkpointed unroll needs a built-in differentiable optimizer with a pure "
+            f"functional core; {type(diffopt).__name__} updates in place (its _update would run "
+            "twice when recomputed). Use the plain unroll for custom optimizers."
+        )
+
+
+def checkpointed_unroll(
+    fmodel: FastWeights,
+    diffopt: InnerOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    *,
+    override: StepOverride | None = None,
+    first_order_at: Callable[[int], bool] | None = None,
+    on_loss: Callable[[Tensor, int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
+    """Unroll ``steps`` differentiable steps, recomputing each step's graph in backward.
+
+    Each step but the last (inner forward, gradient, optimizer update) is one autograd node
+    that keeps only its inputs (fast weights, optimizer state, tensor hyperparameters): the
+    forward pass builds no second-order graph for it, and the backward pass rebuilds one
+    step's graph at a time. The last step keeps its graph, as the backward pass needs it
+    first. Peak memory is about two steps' graphs plus ``steps`` copies of the fast weights
+    and optimizer state; time about one extra forward-and-gradient pass per step.
+    The meta-gradient equals the plain unroll's. Higher-order derivatives of the meta-loss
+    (a gradient of the meta-gradient) are not available through it, and running BatchNorm
+    statistics are updated again when a step is recomputed.
+
+    Args:
+        fmodel: the functional model; its fast weights are advanced.
+        diffopt: a built-in differentiable optimizer (pure functional core).
+        support_loss: the inner loss as a function of the fast weights (no side effects:
+            it runs again in the backward pass).
+        steps: number of inner steps.
+        override: hyperparameters of each step (e.g. learnable learning rates).
+        first_order_at: whether a step runs first-order (truncated unrolls).
+        on_loss: called with each step's detached inner loss (NaN checks).
+        after_step: called with the number of steps done.
+
+    Raises:
+        TypeError: for an optimizer without a pure functional core.
+
+    Example:
+        >>> import torch
+        >>> import metalight
+        >>> from metalight.optim.unroll import checkpointed_unroll
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = metalight.monkeypatch(model, copy_initial_weights=False)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+        >>> x, y = torch.randn(6, 2), torch.randn(6, 1)
+        >>> loss = lambda params: (fmodel(x, params=params) - y).pow(2).mean()
+        >>> checkpointed_unroll(fmodel, diffopt, loss, 10)
+        >>> loss(fmodel.fast_params).backward()
+        >>> model.weight.grad.shape
+        torch.Size([1, 2])
+    """
+    _refuse_stateful(diffopt)
+    _pure_unroll(
+        fmodel,
+        diffopt,
+        support_loss,
+        steps,
+        checkpoint=True,
+        first_order_at=first_order_at if first_order_at is not None else lambda _step: False,
+        override=override,
+        on_loss=on_loss,
+        after_step=after_step,
+    )
+
+
+def run_unroll(
+    fmodel: FastWeights,
+    diffopt: InnerOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    policy: UnrollPolicy | None = None,
+    *,
+    create_graph: bool = True,
+    override: StepOverride | None = None,
+    on_loss: Callable[[Tensor, int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``steps`` inner steps of ``diffopt`` on ``fmodel`` under an unroll policy.
+
+    The loop behind :meth:`DifferentiableOptimizer.unroll
+    <metalight.optim.DifferentiableOptimizer.unroll>` and
+    :class:`~metalight.lightning.MetaLearningModule`: plain, first-order, truncated
+    (first-order before the last ``policy.truncate`` steps, optimizer state carried across)
+    or checkpointed (:func:`checkpointed_unroll`). Whether a step is first-order is decided
+    here and passed to the step; the optimizer's own ``first_order`` setting is not read.
+
+    Args:
+        fmodel: the functional model; its fast weights are advanced.
+        diffopt: its differentiable optimizer.
+        support_loss: the inner loss as a function of the fast weights (a list in the
+            order of ``fmodel.parameters()``); with ``policy.checkpoint`` it runs again in
+            the backward pass, so it must have no side effects.
+        steps: number of inner steps.
+        policy: the unroll policy (default: plain, second order).
+        create_graph: False runs every step first-order without a higher-order graph
+            (evaluation).
+        override: hyperparameters of each step (e.g. learnable learning rates), or None.
+        on_loss: called with each step's detached inner loss (NaN checks).
+        after_step: called with the number of steps done.
+
+    Raises:
+        TypeError: ``policy.checkpoint`` with an optimizer without a pure functional core.
+
+    Example:
+        >>> import torch
+        >>> import metalight
+        >>> from metalight.unroll import UnrollPolicy, run_unroll
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = metalight.monkeypatch(model, copy_initial_weights=False)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+        >>> x, y = torch.randn(6, 2), torch.randn(6, 1)
+        >>> loss = lambda params: (fmodel(x, params=params) - y).pow(2).mean()
+        >>> run_unroll(fmodel, diffopt, loss, 4, UnrollPolicy(truncate=2))
+        >>> loss(fmodel.fast_params).backward()
+        >>> model.weight.grad.shape
+        torch.Size([1, 2])
+    """
+    policy = policy if policy is not None else UnrollPolicy()
+    checkpoint = create_graph and policy.checkpoint
+    if checkpoint:
+        _refuse_stateful(diffopt)
+
+    def first_order_at(step: int) -> bool:
+        return not create_graph or policy.first_order_at(step, steps)
+
+    if diffopt.supports_pure_step:
+        _pure_unroll(
+            fmodel,
+            diffopt,
+            support_loss,
+            steps,
+            checkpoint=checkpoint,
+            first_order_at=first_order_at,
+            override=override,
+            on_loss=on_loss,
+            after_step=after_step,
+        )
+        return
+    for step in range(steps):
+        loss = support_loss(fmodel.fast_params or [])
+        if on_loss is not None:
+            on_loss(loss.detach(), step)
+        diffopt.inner_step(
+            loss,
+            override=None if override is None else override(step),
+            first_order=first_order_at(step),
+        )
+        if after_step is not None:
+            after_step(step + 1)
