@@ -30,9 +30,7 @@ from torch import Tensor
 
 __all__ = [
     "FunctionalOptimizer",
-    "Hyperparameter",
     "InitFn",
-    "Kernel",
     "UpdateFn",
     "add",
     "addcdiv",
@@ -44,7 +42,6 @@ __all__ = [
     "lerp",
     "resolve_hparams",
     "safe_sqrt",
-    "scalar_dtype",
     "scalar_tensor",
     "state_from_torch",
     "state_to_dicts",
