@@ -50,6 +50,7 @@ _LAZY = {
     "register_optim": ("metalight.optim", "register_optim"),
     "innerloop_ctx": ("metalight.unroll", "innerloop_ctx"),
     "UnrollPolicy": ("metalight.unroll", "UnrollPolicy"),
+    "load": ("metalight.inference", "load"),
 }
 
 

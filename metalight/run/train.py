@@ -37,6 +37,7 @@ from metalight.lightning.checkpoint_io import (
 )
 from metalight.run.build import Components, build, build_datamodule, build_module, build_trainer
 from metalight.run.errors import ConfigError
+from metalight.run.held_out import skip_absent_splits
 from metalight.run.plots import plot_sinusoid_tasks, plot_training_curves
 from metalight.run.resources import created_here, make_run_dir, note_created
 from metalight.run.summary import describe_data, format_summary
@@ -593,6 +594,7 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         cfg = _with_run_dir(cfg, run_dir)
         components = build(cfg)
         trainer = components.trainer
+        skipped = skip_absent_splits(components)  # training on every class: nothing held out
         interrupt = _InterruptCallback(
             interrupts, _checkpoint_dir(components, run_dir) / "last.ckpt"
         )
@@ -608,7 +610,11 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
             raise RunInterrupted(
                 interrupts.signum, trainer.global_step, _last_checkpoint(components), "saving"
             )
-        test = trainer.test(components.module, datamodule=components.datamodule, verbose=False)
+        test = (
+            []
+            if "test" in skipped
+            else trainer.test(components.module, datamodule=components.datamodule, verbose=False)
+        )
     except RunInterrupted as stop:
         if stop.phase != "training" and stop.checkpoint is None and trained:
             stop.checkpoint = _last_checkpoint(components) if components else None
@@ -631,6 +637,8 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         checkpoint=_last_checkpoint(components),
         resumed_from=ckpt_path,
     )
+    if skipped:
+        results["skipped_splits"] = skipped
     if baseline := pop_baseline(results["metrics"]):
         results["baseline"] = baseline
     if trainer.is_global_zero:

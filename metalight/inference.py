@@ -1,0 +1,256 @@
+"""Using a meta-trained model: ``metalight.load(run)`` and adapting it to new classes.
+
+``load`` rebuilds what ``metalight train`` trained from its run directory: the module
+(model, inner optimizer, unroll policies, evaluation settings, learned weights and inner
+learning rates) from the saved ``config.yaml`` and checkpoint, and the image transform of
+its training data, so that new images go through exactly what the training images went
+through.
+
+Example:
+    >>> import metalight
+    >>> trained = metalight.load("runs/2026-01-01_12-00-00")  # doctest: +SKIP
+    >>> support = trained.read_folder("new_characters")  # doctest: +SKIP
+    >>> adaptation = trained.adapt(support.x, support.y)  # doctest: +SKIP
+    >>> query = trained.transform.stack(["unknown_1.png", "unknown_2.png"])  # doctest: +SKIP
+    >>> labels = trained.predict_labels(adaptation, query)  # doctest: +SKIP
+    >>> [support.class_names[i] for i in labels]  # doctest: +SKIP
+    ['b', 'a']
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from metalight.data.episodes import ClassFolder, read_class_folders
+from metalight.data.task import Task
+from metalight.data.transforms import ImageTransform
+from metalight.lightning.module import Adaptation, MetaLearningModule
+
+__all__ = [
+    "TrainedModel",
+    "adapt",
+    "data_transform",
+    "find_checkpoint",
+    "load",
+    "load_weights",
+    "predict_logits",
+]
+
+_CHECKPOINT = "last.ckpt"
+
+
+@dataclass
+class TrainedModel:
+    """A meta-trained module with what is needed to use it on new data.
+
+    Attributes:
+        module: The trained :class:`~metalight.lightning.MetaLearningModule`, in eval mode.
+        transform: The image transform of its training data (``None`` for data that are not
+            images, such as sinusoids, or a data module that does not say).
+        config: The run's saved configuration (with any overrides given to :func:`load`).
+        run_dir: The run directory.
+        checkpoint: The checkpoint the weights came from.
+    """
+
+    module: MetaLearningModule
+    transform: ImageTransform | None
+    config: DictConfig
+    run_dir: Path
+    checkpoint: Path
+
+    def read_folder(self, folder: str | os.PathLike[str]) -> ClassFolder:
+        """Reads ``folder/<class>/<image>`` with the training transform (labels by sorted
+        class name).
+
+        Raises:
+            ValueError: If the training data were not images, or the folder breaks the
+                layout (the message names the path).
+        """
+        return read_class_folders(folder, self._image_transform(), what="support folder")
+
+    def read_images(self, images: Sequence[str | os.PathLike[str]]) -> Tensor:
+        """Reads image files with the training transform into ``[N, C, H, W]``."""
+        return self._image_transform().stack(list(images))
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adaptation:
+        """Adapts to a support set; see :func:`adapt`."""
+        return adapt(self.module, support_x, support_y, steps)
+
+    def predict_labels(self, adaptation: Adaptation, x: Tensor) -> list[int]:
+        """The predicted label of each row of ``x`` under ``adaptation``."""
+        return predict_logits(adaptation, x).argmax(-1).tolist()
+
+    def _image_transform(self) -> ImageTransform:
+        if self.transform is None:
+            raise ValueError(
+                f"the run in {self.run_dir} was not trained on images (its data is "
+                f"{self.config.data.get('_target_')}); pass tensors to adapt() instead."
+            )
+        return self.transform
+
+
+def adapt(
+    module: MetaLearningModule, support_x: Tensor, support_y: Tensor, steps: int | None = None
+) -> Adaptation:
+    """Adapts ``module`` to one support set as its evaluation does (no higher-order graph).
+
+    Args:
+        module: The meta-trained module.
+        support_x: Support inputs ``[n, ...]`` on the module's device.
+        support_y: Their labels ``[n]`` (or regression targets ``[n, 1]``).
+        steps: Inner steps (default: the module's ``eval_inner_steps``).
+
+    Returns:
+        The :class:`~metalight.lightning.module.Adaptation`; ``predict_logits(adaptation, x)``
+        gives outputs with the adapted weights.
+
+    Example:
+        >>> import functools, torch
+        >>> from metalight.lightning import MetaLearningModule
+        >>> from metalight.models import MLP
+        >>> module = MetaLearningModule(MLP(2, (8,), 3), inner_steps=1)
+        >>> a = adapt(module, torch.randn(6, 2), torch.arange(3).repeat(2))
+        >>> predict_logits(a, torch.randn(4, 2)).shape
+        torch.Size([4, 3])
+    """
+    steps = module.eval_inner_steps if steps is None else steps
+    with torch.enable_grad():
+        if "support_x" in inspect.signature(module.adapt).parameters:
+            return module.adapt(support_x, support_y, steps=steps)  # type: ignore[call-arg]
+        # The task form of adapt reads the support set only.
+        task = Task(support_x, support_y, support_x[:0], support_y[:0], support_y[:0])
+        return module.adapt(task, steps, create_graph=False)  # type: ignore[call-arg]
+
+
+def predict_logits(adaptation: Adaptation, x: Tensor) -> Tensor:
+    """The adapted model's outputs for ``x`` (no gradient kept).
+
+    The inputs are run as one batch, as the test episodes are: with batch-statistics
+    BatchNorm the outputs depend on the whole batch.
+    """
+    with torch.no_grad():
+        return adaptation.predict(x)
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint meant by ``path``: a ``.ckpt`` file, or a run directory (its
+    ``checkpoints/last.ckpt``), or its ``checkpoints/`` folder.
+
+    Raises:
+        FileNotFoundError: If there is no such file or no checkpoint in the directory.
+
+    Example:
+        >>> find_checkpoint("no/such/run")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no/such/run does not exist; give a run directory (runs/RUN) or a checkpoint (runs/RUN/checkpoints/last.ckpt).
+    """  # noqa: E501
+    given = Path(path).expanduser()
+    hint = "give a run directory (runs/RUN) or a checkpoint (runs/RUN/checkpoints/last.ckpt)"
+    if given.is_file():
+        return given
+    if not given.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; {hint}.")
+    for candidate in (given / "checkpoints" / _CHECKPOINT, given / _CHECKPOINT):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{given} holds no {_CHECKPOINT} (looked in {given / 'checkpoints'} and {given}); {hint}."
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    overrides: Sequence[str] = (),
+) -> TrainedModel:
+    """Loads a meta-trained module and its data transform from a run or a checkpoint.
+
+    The module is rebuilt from the run's ``config.yaml`` (model, algorithm, inner optimizer
+    and its hyperparameters, unroll policy, evaluation steps) and given the checkpoint's
+    weights, including learned inner learning rates. It is returned in eval mode.
+
+    Args:
+        path: A run directory of ``metalight train`` or a checkpoint inside one.
+        map_location: Device to load onto.
+        overrides: Hydra-syntax value overrides of the saved config, e.g.
+            ``["algorithm.eval_inner_steps=20"]``.
+
+    Returns:
+        The :class:`TrainedModel`.
+
+    Raises:
+        FileNotFoundError: If there is no checkpoint at ``path``.
+        metalight.run.ConfigError: If the config is missing or does not fit the checkpoint.
+
+    Example:
+        >>> import metalight
+        >>> trained = metalight.load("runs/RUN")  # doctest: +SKIP
+        >>> trained.transform  # doctest: +SKIP
+        OmniglotTransform(image_size=28, channels=1, invert=True)
+    """
+    from metalight.run.build import build_module
+    from metalight.run.train import apply_overrides, load_run_config
+
+    checkpoint = find_checkpoint(path)
+    cfg, run_dir = load_run_config(checkpoint)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    module = build_module(cfg)
+    load_weights(module, checkpoint, map_location)
+    module.to(map_location)
+    module.eval()
+    return TrainedModel(module, data_transform(cfg), cfg, run_dir, checkpoint)
+
+
+def data_transform(cfg: DictConfig) -> ImageTransform | None:
+    """The image transform of a run config's data module (``None`` if it has none).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> data_transform(OmegaConf.create({"data": {
+        ...     "_target_": "metalight.data.OmniglotDataModule", "root": "x", "image_size": 28}}))
+        OmniglotTransform(image_size=28, channels=1, invert=True)
+    """
+    from metalight.run.build import build_datamodule
+
+    # Building a data module reads no data: only its settings are needed here.
+    transform = getattr(build_datamodule(cfg), "transform", None)
+    return transform if isinstance(transform, ImageTransform) else None
+
+
+def load_weights(
+    module: MetaLearningModule,
+    checkpoint: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+) -> None:
+    """Loads a Lightning checkpoint's weights into ``module`` (checked to fit first).
+
+    Raises:
+        metalight.run.ConfigError: If the file is not a readable Lightning checkpoint or its
+            weights do not fit the module.
+    """
+    from metalight.run.errors import ConfigError
+
+    try:
+        state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"{checkpoint} is not a readable checkpoint: {err}") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"{checkpoint} holds no state_dict: not a Lightning checkpoint")
+    try:
+        module.on_load_checkpoint(state)
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(
+            f"the weights in {checkpoint} do not fit the model of its run's config.yaml: {err}"
+        ) from None
