@@ -574,19 +574,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is a directory, not a checkpoint file; give a .ckpt file "
-            f"in it, e.g. ckpt_path={Path(str(ckpt_path)) / 'last.ckpt'}"
-        )
-    validate_config(cfg)
-    configure_torch(cfg)
     run_dir = resolve_run_dir(cfg)
     components: Components | None = None
     start_step = 0
     started = time.monotonic()
     trained = False
     try:
+        if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_dir():
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} is a directory, not a checkpoint file; give a .ckpt "
+                f"file in it, e.g. ckpt_path={Path(str(ckpt_path)) / 'last.ckpt'}"
+            )
+        validate_config(cfg)
+        configure_torch(cfg)
         if rank_zero_only.rank == 0:
             refuse_used_run_dir(run_dir, hydra_files=False)
         if ckpt_path is not None:
@@ -637,10 +637,10 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         checkpoint=_last_checkpoint(components),
         resumed_from=ckpt_path,
     )
-    if skipped:
-        results["skipped_splits"] = skipped
     if baseline := pop_baseline(results["metrics"]):
         results["baseline"] = baseline
+    if skipped:
+        results["skipped_splits"] = skipped
     if trainer.is_global_zero:
         # The results first, atomically: pictures are extras that must not cost them.
         csv_path = _csv_path(components)
