@@ -172,7 +172,9 @@ class Distill(BilevelModule):
             ax.set_yticks([])
             if i % rows == 0:
                 ax.set_title(str(int(self.labels[i])), fontsize=8)
-        fig.suptitle(f"{len(images)} distilled examples, lr {float(self.log_lr.exp()):.3g}")
+        fig.suptitle(
+            f"{len(images)} distilled examples, lr {float(self.log_lr.detach().exp()):.3g}"
+        )
         path = Path(trainer.default_root_dir) / "distilled_images.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)

@@ -113,9 +113,10 @@ class HyperLR(BilevelModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Logs the learned rates of the first piece of the schedule, per layer."""
         for i, layer in enumerate(self.layers):
-            self.log(f"hyper/lr_{layer or 'root'}", self.log_lr[i, 0].exp().detach())
+            self.log(f"hyper/lr_{layer or 'root'}", self.log_lr[i, 0].exp().detach(), batch_size=1)
             if self.learn_weight_decay:
-                self.log(f"hyper/wd_{layer or 'root'}", self.log_weight_decay[i, 0].exp().detach())
+                decay = self.log_weight_decay[i, 0].exp().detach()
+                self.log(f"hyper/wd_{layer or 'root'}", decay, batch_size=1)
 
     def evaluate_baseline(self, splits: SplitSource) -> dict[str, float] | None:
         """Grid-searched fixed learning rate, same start, steps, batch size and data."""

@@ -485,19 +485,20 @@ class BilevelModule(L.LightningModule):
         self.inner_params = [p.detach() for p in params]
         self.inner_state = detach_state(state)
         self.inner_age += 1
-        with torch.no_grad():
-            acc = (self.predict(self.inner_params, val_x).argmax(-1) == val_y).float().mean()
-        self.log("train/inner_loss", losses[-1], prog_bar=True)
-        self.log("train/outer_loss", outer.detach(), prog_bar=True)
-        self.log("train/outer_acc", acc)
+        if self._trainer is not None:  # also callable by hand, outside a Trainer
+            with torch.no_grad():
+                acc = (self.predict(self.inner_params, val_x).argmax(-1) == val_y).float().mean()
+            self.log("train/inner_loss", losses[-1], prog_bar=True, batch_size=1)
+            self.log("train/outer_loss", outer.detach(), prog_bar=True, batch_size=1)
+            self.log("train/outer_acc", acc, batch_size=1)
         return outer
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         """Scores the current inner weights on the validation examples of ``batch``."""
         for task in batch:
             metrics = self.score(self.current_inner()[0], task.query_x, task.query_y)
-            self.log("val/acc", metrics["acc"], sync_dist=True)
-            self.log("val/loss", metrics["loss"], sync_dist=True)
+            self.log("val/acc", metrics["acc"], sync_dist=True, batch_size=1)
+            self.log("val/loss", metrics["loss"], sync_dist=True, batch_size=1)
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         """Logs the method's and the baseline's test metrics (on whole splits)."""
