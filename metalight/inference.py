@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from metalight.data.episodes import ClassFolder, read_class_folders
-from metalight.data.task import Task
 from metalight.data.transforms import ImageTransform
 from metalight.lightning.module import Adaptation, MetaLearningModule
 
@@ -85,7 +83,7 @@ class TrainedModel:
         return adapt(self.module, support_x, support_y, steps)
 
     def predict_labels(self, adaptation: Adaptation, x: Tensor) -> list[int]:
-        """The predicted label of each row of ``x`` under ``adaptation``."""
+        """The predicted label of each row of ``x`` under ``adaptation``, as a list."""
         return predict_logits(adaptation, x).argmax(-1).tolist()
 
     def _image_transform(self) -> ImageTransform:
@@ -100,7 +98,8 @@ class TrainedModel:
 def adapt(
     module: MetaLearningModule, support_x: Tensor, support_y: Tensor, steps: int | None = None
 ) -> Adaptation:
-    """Adapts ``module`` to one support set as its evaluation does (no higher-order graph).
+    """Adapts ``module`` to one support set as its evaluation does (no graph is kept):
+    ``module.adapt(support_x, support_y, steps)`` under ``torch.no_grad()``.
 
     Args:
         module: The meta-trained module.
@@ -109,8 +108,8 @@ def adapt(
         steps: Inner steps (default: the module's ``eval_inner_steps``).
 
     Returns:
-        The :class:`~metalight.lightning.module.Adaptation`; ``predict_logits(adaptation, x)``
-        gives outputs with the adapted weights.
+        The :class:`~metalight.lightning.module.Adaptation`: ``predict(x)``,
+        ``predict_labels(x)`` and ``predict_proba(x)`` with the adapted weights.
 
     Example:
         >>> import functools, torch
@@ -121,13 +120,10 @@ def adapt(
         >>> predict_logits(a, torch.randn(4, 2)).shape
         torch.Size([4, 3])
     """
-    steps = module.eval_inner_steps if steps is None else steps
-    with torch.enable_grad():
-        if "support_x" in inspect.signature(module.adapt).parameters:
-            return module.adapt(support_x, support_y, steps=steps)  # type: ignore[call-arg]
-        # The task form of adapt reads the support set only.
-        task = Task(support_x, support_y, support_x[:0], support_y[:0], support_y[:0])
-        return module.adapt(task, steps, create_graph=False)  # type: ignore[call-arg]
+    # Under no_grad the module adapts with gradients inside and hands back detached fast
+    # weights: nothing kept leads to the meta-parameters.
+    with torch.no_grad():
+        return module.adapt(support_x, support_y, steps)
 
 
 def predict_logits(adaptation: Adaptation, x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metalight.data import ImageFolder, MiniImageNet
+from metalight.data import ImageFolder, ImageFolderDataModule, ImageTransform, MiniImageNet
 
 COLORS = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (120, 120, 0)]
 
@@ -147,3 +147,22 @@ def test_mini_imagenet_errors(tmp_path: Path) -> None:
     (root / "val.csv").write_text("image,class\na.jpg,n1\n")
     with pytest.raises(ValueError, match=r"val\.csv must start with the header 'filename,label'"):
         MiniImageNet(root, "val")
+
+
+def test_folder_transform_gives_training_images_and_no_held_out_split(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", classes=3, per_class=4)
+    # Not a flat colour: resizing and JPEG decoding both show in the pixels.
+    picture = Image.linear_gradient("L").convert("RGB").resize((24, 20))
+    picture.save(root / "class_1" / "img_9.jpg")
+    for channels, invert in ((3, False), (1, True)):
+        dm = ImageFolderDataModule(
+            root, image_size=(12, 16), channels=channels, invert=invert, ways=3, queries=1
+        )
+        assert dm.transform == ImageTransform((12, 16), channels, invert)
+        assert dm.split_names() == ("train",)  # no val_root, no test_root: training only
+        assert dm.datasets is not None
+        train = dm.datasets["train"]
+        assert train.transform == dm.transform
+        index = train.class_indices[1][-1:]  # img_9.jpg: the last file of class_1
+        assert torch.equal(dm.transform(root / "class_1" / "img_9.jpg"), train.fetch(index)[0])
+        assert not torch.equal(dm.transform(root / "class_1" / "img_0.jpg"), train.fetch(index)[0])

@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from metalight.data import ImageTransform, Omniglot, OmniglotTransform, download_file, md5sum
+from metalight.data import (
+    ImageTransform,
+    Omniglot,
+    OmniglotDataModule,
+    OmniglotTransform,
+    download_file,
+    md5sum,
+)
 from tests.data.conftest import SMALL_SETS
 
 SMALL1 = {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26}
@@ -257,3 +264,52 @@ def test_zip_damaged_after_its_listing_is_named(omniglot_dir: Path, tmp_path: Pa
     path.write_bytes(bytes(good))
     with pytest.raises(ValueError, match=f"Omniglot zip file {path} is damaged"):
         Omniglot(tmp_path, "images_background_small1")
+
+
+def test_data_module_trains_on_every_character_decoding_once(
+    omniglot_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metalight.data.omniglot as omniglot_module
+
+    decoded: list[int] = []
+    real = omniglot_module.decode_images
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        decoded.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(omniglot_module, "decode_images", counting)
+    settings = {"ways": 5, "shots": 1, "queries": 1, "meta_batch_size": 2}
+    dm = OmniglotDataModule(
+        omniglot_dir,
+        sets=[SMALL_SETS[0]],
+        num_train_characters=None,
+        num_val_characters=0,
+        **settings,
+    )
+    assert dm.split_names() == ("train",)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.support_x.shape == (2, 5, 1, 28, 28)
+    assert dm.datasets is not None and dm.datasets["train"].num_classes == 4 * 136
+    assert len(decoded) == 1  # split_names() loaded the data; the loader reused them
+    with pytest.raises(ValueError, match="OmniglotDataModule has no test split"):
+        dm.test_dataloader()
+
+    # Alphabets: nothing held out for validation, the unlisted alphabets all train.
+    by_alphabet = OmniglotDataModule(
+        omniglot_dir,
+        sets=[SMALL_SETS[0]],
+        split="alphabet",
+        val_alphabets=[],
+        test_alphabets=["Greek"],
+        train_rotations=False,
+        **settings,
+    )
+    assert by_alphabet.split_names() == ("train", "test")
+    assert by_alphabet.datasets is not None
+    assert by_alphabet.datasets["train"].num_classes == 136 - 24
+    assert len(decoded) == 2
+    with pytest.raises(ValueError, match="num_train_characters must be >= 1 or null"):
+        OmniglotDataModule(omniglot_dir, num_train_characters=0)
+    with pytest.raises(ValueError, match="split='alphabet' needs val_alphabets and test_"):
+        OmniglotDataModule(omniglot_dir, split="alphabet", test_alphabets=[])
