@@ -60,11 +60,11 @@ def _recursive_map(target: _T, map_fn: Callable[[Any], Any]) -> _T:
         {'a': [10, (20, 30)], 'b': {40}}
     """
     if isinstance(target, dict):
-        return type(target)((k, _recursive_map(v, map_fn)) for k, v in target.items())  # type: ignore[call-arg]
+        return type(target)((k, _recursive_map(v, map_fn)) for k, v in target.items())
     if isinstance(target, tuple) and hasattr(target, "_fields"):
         return type(target)(*(_recursive_map(x, map_fn) for x in target))
     if isinstance(target, list | tuple | set):
-        return type(target)(_recursive_map(x, map_fn) for x in target)  # type: ignore[call-arg]
+        return type(target)(_recursive_map(x, map_fn) for x in target)
     return map_fn(target)  # type: ignore[no-any-return]
 
 

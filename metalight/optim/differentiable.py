@@ -533,7 +533,7 @@ class FunctionalCoreOptimizer(DifferentiableOptimizer):
         self._core_states = None
         super().__init__(*args, **kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> list[collections.defaultdict[int, dict[str, Any]]]:
         """higher's per-group, per-parameter state dicts (``state[g][i]["exp_avg"]``)."""
         if self._core_states is not None:

@@ -101,8 +101,9 @@ def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
     # Exact class first, so a registered subclass wins over its registered base.
     if optim_type in _REGISTRY:
         return _REGISTRY[optim_type]
+    step = getattr(optim_type, "step", None)
     for base in optim_type.__mro__[1:]:
-        if base in _REGISTRY and base.step is optim_type.step:
+        if base in _REGISTRY and getattr(base, "step", None) is step:
             return _REGISTRY[base]
     known = ", ".join(sorted(t.__name__ for t in _REGISTRY))
     raise ValueError(

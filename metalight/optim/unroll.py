@@ -296,7 +296,10 @@ def _recomputed_step(
             structure.append(new_rebuild)
         return (*new_params, *new_tensors, loss.detach())
 
-    outputs = _RecomputedStep.apply(run, *params, *state_tensors, *hyper_tensors)
+    # autograd.Function.apply is untyped in torch's stubs.
+    outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
+        run, *params, *state_tensors, *hyper_tensors
+    )
     return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
 
 

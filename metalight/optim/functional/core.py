@@ -170,7 +170,7 @@ def is_active(value: Any) -> bool:
     """
     if isinstance(value, Tensor):
         return True
-    return value != 0
+    return bool(value != 0)
 
 
 def scalar_dtype(param: Tensor) -> torch.dtype:

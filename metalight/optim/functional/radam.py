@@ -120,7 +120,8 @@ def _radam_kernel(
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
 
     def adaptive_lr() -> Tensor:
-        return (bias_correction2**0.5) / (safe_sqrt(exp_avg_sq) + eps)
+        rate: Tensor = (bias_correction2**0.5) / (safe_sqrt(exp_avg_sq) + eps)
+        return rate
 
     if not isinstance(rho_t, Tensor):
         if rho_t > 5.0:
