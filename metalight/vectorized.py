@@ -28,12 +28,11 @@ Supported: :class:`MetaLearningModule` with its default unroll (MAML, FOMAML, Me
 learnable per-step rates and multi-step loss, truncated unrolls), any built-in inner optimizer
 (SGD, Adam, ...: their pure updates are element-wise, so a task dimension passes through), and
 any model whose forward ``vmap`` can batch. Refused with a ``ValueError``: subclasses that
-override ``adapt``, ``unroll`` or ``task_meta_gradient`` (iMAML; ANIL and Reptile declare
-that the vectorised step reproduces theirs: ANIL's head-only adaptation is the default
-unroll with ``adapt=[head]``, and Reptile's meta-gradient is taken from all tasks' adapted
-weights at once), custom
-differentiable optimizers without a pure core, gradient callbacks, ``checkpoint_unroll`` and
-``SyncBatchNorm`` in training mode.
+override ``adapt``, ``adapt_task``, ``unroll`` or ``task_meta_gradient`` (iMAML; ANIL and
+Reptile declare that the vectorised step reproduces theirs: ANIL's head-only adaptation is
+the default unroll with ``adapt=[head]``, and Reptile's meta-gradient is taken from all
+tasks' adapted weights at once), custom differentiable optimizers without a pure core,
+gradient callbacks, ``checkpoint_unroll`` and ``SyncBatchNorm`` in training mode.
 
 Example:
     >>> import functools, torch
@@ -53,7 +52,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -66,10 +65,16 @@ from metalight.optim.differentiable import FunctionalCoreOptimizer
 if TYPE_CHECKING:
     from metalight.lightning.module import MetaLearningModule
 
-__all__ = ["check_vectorizable", "vectorized_meta_loss", "vectorized_task_losses"]
+__all__ = [
+    "VectorizedUnroll",
+    "check_vectorizable",
+    "vectorized_meta_loss",
+    "vectorized_task_losses",
+    "vectorized_unroll",
+]
 
 # The hooks whose default implementation this module re-implements in vectorised form.
-_LOOP_HOOKS = ("adapt", "unroll", "task_meta_gradient")
+_LOOP_HOOKS = ("adapt", "adapt_task", "unroll", "task_meta_gradient")
 
 
 def check_vectorizable(module: MetaLearningModule) -> None:
@@ -83,7 +88,8 @@ def check_vectorizable(module: MetaLearningModule) -> None:
         module: the meta-learning module.
 
     Raises:
-        ValueError: if ``module`` overrides ``adapt``, ``unroll`` or ``task_meta_gradient``,
+        ValueError: if ``module`` overrides ``adapt``, ``adapt_task``, ``unroll`` or
+            ``task_meta_gradient``,
             uses ``checkpoint_unroll=True``, or its model holds a ``SyncBatchNorm`` in
             training mode.
 
@@ -207,7 +213,7 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
             f"{type(module).__name__}'s meta-gradient is not the gradient of its query losses "
             "(it defines its own vectorised meta-gradient): use its training_step"
         )
-    return _vectorized_unroll(module, batch, graph=True)[0]
+    return vectorized_unroll(module, batch, graph=True).losses
 
 
 def _default_meta_gradient() -> Callable[..., object]:
@@ -216,15 +222,45 @@ def _default_meta_gradient() -> Callable[..., object]:
     return MetaLearningModule._vectorized_meta_gradient
 
 
-def _vectorized_unroll(
+class VectorizedUnroll(NamedTuple):
+    """What :func:`vectorized_unroll` returns for a meta-batch of ``B`` tasks."""
+
+    losses: Tensor
+    """``[B]``: each task's query loss (with ``multi_step_loss``, its mean over the steps)."""
+    fast_params: list[Tensor]
+    """The final fast weights in ``named_parameters()`` order: adapted ones with a leading
+    task dimension, the others the parameters themselves."""
+    accuracy: Tensor | None
+    """``[B]``: each task's query accuracy after adaptation (detached); None for regression."""
+
+
+def vectorized_unroll(
     module: MetaLearningModule, batch: TaskBatch, *, graph: bool
-) -> tuple[Tensor, list[Tensor]]:
-    """Each task's query loss and the final fast weights, all tasks at once.
+) -> VectorizedUnroll:
+    """Each task's query loss and accuracy and the final fast weights, all tasks at once.
 
     ``graph=True``: the losses are differentiable w.r.t. the meta-parameters (per the unroll
     policy). ``graph=False``: plain gradient steps with no graph kept (Reptile's adaptation);
-    the losses and weights are detached. The fast weights come in ``named_parameters()``
-    order: adapted ones with a leading task dimension, the others the parameters themselves.
+    the losses and weights are detached.
+
+    Args:
+        module: the meta-learning module (its default unroll; see :func:`check_vectorizable`).
+        batch: the meta-batch.
+        graph: keep the graph for the meta-gradient.
+
+    Returns:
+        The :class:`VectorizedUnroll`.
+
+    Example:
+        >>> import functools, torch
+        >>> from metalight.data import TaskBatch
+        >>> from metalight.lightning import MetaLearningModule
+        >>> from metalight.models import MLP
+        >>> module = MetaLearningModule(MLP(1, (8,), 3), inner_steps=1)
+        >>> x, y = torch.randn(2, 6, 1), torch.arange(3).repeat(2).expand(2, 6)
+        >>> unrolled = vectorized_unroll(module, TaskBatch(x, y, x, y, y), graph=False)
+        >>> unrolled.losses.shape, unrolled.accuracy.shape
+        (torch.Size([2]), torch.Size([2]))
     """
     check_vectorizable(module)
     if len(batch) == 0:
@@ -255,6 +291,8 @@ def _vectorized_unroll(
         def forward(values: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(model, values, (x,))
 
+    classification = module.is_classification(batch.query_y)
+
     def run(loss_of: Callable[[Tensor, Task], Tensor], query: bool) -> Callable[..., Tensor]:
         def per_task(
             batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
@@ -265,8 +303,17 @@ def _vectorized_unroll(
 
         return vmap(per_task, randomness="different")
 
+    def query_loss_and_accuracy(
+        batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        task = Task(sx, sy, qx, qy, info)
+        output = forward({**batched, **fixed}, qx)
+        hits = (output.detach().argmax(-1) == qy).float().mean()
+        return module.outer_loss(output, qy, task), hits
+
     support_losses = run(lambda out, t: module.inner_loss(out, t.support_y, t), query=False)
     query_losses = run(lambda out, t: module.outer_loss(out, t.query_y, t), query=True)
+    final_query = vmap(query_loss_and_accuracy, randomness="different")
     fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, batch.info)
 
     def batched(current: list[Tensor]) -> dict[str, Tensor]:
@@ -307,13 +354,16 @@ def _vectorized_unroll(
         if module.multi_step_loss and step + 1 < steps:
             step_losses.append(query_losses(batched(params), *fields))
     with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-        final = query_losses(batched(params), *fields)
+        if classification:
+            final, hits = final_query(batched(params), *fields)
+        else:
+            final, hits = query_losses(batched(params), *fields), None
     guard(final, f"query loss after {steps} inner steps")
     if step_losses:
         final = torch.stack([*step_losses, final]).mean(0)
     if not graph:
         params = [p.detach() for p in params]
-    return final, params
+    return VectorizedUnroll(final, params, None if hits is None else hits.detach())
 
 
 def vectorized_meta_loss(module: MetaLearningModule, batch: TaskBatch) -> Tensor:

@@ -40,7 +40,7 @@ class ANIL(MetaLearningModule):
 
     # The task-vectorised step (metalight.vectorized) computes the same meta-gradient: it
     # adapts the head only (adapt=[head]) and runs head(body(x)) through _vectorized_forward.
-    _vectorizes_as_default = ("adapt",)
+    _vectorizes_as_default = ("adapt_task",)
 
     def __init__(
         self, model: nn.Module, body: str = "features", head: str = "head", **kwargs: Any
@@ -61,7 +61,7 @@ class ANIL(MetaLearningModule):
         self.body_name = body
         self.head_name = head
 
-    def adapt(
+    def adapt_task(
         self,
         task: Task,
         steps: int,
@@ -73,7 +73,8 @@ class ANIL(MetaLearningModule):
         head = self.model.get_submodule(self.head_name)
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             support = body(task.support_x)
-            query = body(task.query_x)
+            # No query set when adapting for prediction (adapt(support_x, support_y)).
+            query = body(task.query_x) if len(task.query_x) else None
         fhead = monkeypatch(head, detach_initial_weights=False, track_higher_grads=create_graph)
         diffopt = get_diff_optim(
             self.inner_optimizer, head.parameters(), fmodel=fhead, track_higher_grads=create_graph
@@ -82,7 +83,7 @@ class ANIL(MetaLearningModule):
 
         def predict(x: Tensor) -> Tensor:
             # Query features were computed once; other inputs go through the body.
-            features = query if x is task.query_x else body(x)
+            features = query if query is not None and x is task.query_x else body(x)
             return fhead(features)
 
         self.unroll(

@@ -118,7 +118,9 @@ class IMAML(MetaLearningModule):
         forward = make_functional(self.model)
         forward.update_params(phi)
 
-        query_loss = self.outer_loss(forward(task.query_x), task.query_y, task)
+        query_output = forward(task.query_x)
+        query_loss = self.outer_loss(query_output, task.query_y, task)
+        self.note_query_output(query_output, task)
         query_grads = torch.autograd.grad(query_loss, targets, allow_unused=True)
         b = torch.cat(
             [

@@ -52,7 +52,9 @@ class Reptile(MetaLearningModule):
     ) -> tuple[Tensor, list[Tensor | None]]:
         adaptation = self.adapt(task, self.inner_steps, create_graph=False)
         with torch.no_grad():
-            loss = self.outer_loss(adaptation.predict(task.query_x), task.query_y, task)
+            output = adaptation.predict(task.query_x)
+            loss = self.outer_loss(output, task.query_y, task)
+            self.note_query_output(output, task)
             index = {id(p): i for i, p in enumerate(self.model.parameters())}
             grads: list[Tensor | None] = []
             for p in meta_params:
@@ -63,9 +65,9 @@ class Reptile(MetaLearningModule):
     def _vectorized_meta_gradient(
         self, batch: TaskBatch, meta_params: list[nn.Parameter]
     ) -> tuple[Tensor, list[Tensor | None]]:
-        from metalight.vectorized import _vectorized_unroll
+        from metalight.vectorized import vectorized_unroll
 
-        losses, fast = _vectorized_unroll(self, batch, graph=False)
+        losses, fast, self._vectorized_accuracy = vectorized_unroll(self, batch, graph=False)
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         grads: list[Tensor | None] = []
         with torch.no_grad():

@@ -42,16 +42,64 @@ class NonFiniteError(FloatingPointError):
 
 
 class Adaptation:
-    """The result of adapting to one task: a predictor with the adapted fast weights.
+    """The result of adapting to one support set: the adapted fast weights and a predictor.
+
+    Made by :meth:`MetaLearningModule.adapt`. Adapted under ``torch.no_grad()`` (or with the
+    argument ``create_graph=False`` for inference), it predicts without keeping a graph.
 
     Attributes:
-        predict: maps inputs to outputs with the adapted weights.
         fast_params: the adapted fast weights (in the adapted module's order).
+        classification: whether the support targets were class labels (None: not known).
+
+    Example:
+        >>> import torch
+        >>> from metalight.lightning import MetaLearningModule
+        >>> from metalight.models import MLP
+        >>> module = MetaLearningModule(MLP(2, (8,), 3), eval_inner_steps=2)
+        >>> adaptation = module.adapt(torch.randn(6, 2), torch.arange(3).repeat(2))
+        >>> adaptation.predict_labels(torch.randn(4, 2)).shape
+        torch.Size([4])
+        >>> adaptation.predict_proba(torch.randn(4, 2)).sum(-1).allclose(torch.ones(4))
+        True
     """
 
-    def __init__(self, predict: Callable[[Tensor], Tensor], fast_params: list[Tensor]) -> None:
-        self.predict = predict
+    def __init__(
+        self,
+        predict: Callable[[Tensor], Tensor],
+        fast_params: list[Tensor],
+        *,
+        classification: bool | None = None,
+        no_grad: bool = False,
+    ) -> None:
+        self._predict = predict
         self.fast_params = fast_params
+        self.classification = classification
+        self._no_grad = no_grad
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The outputs for ``x`` with the adapted weights (logits for classification)."""
+        if self._no_grad:
+            with torch.no_grad():
+                return self._predict(x)
+        return self._predict(x)
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """Class probabilities for ``x``: the softmax of :meth:`predict`'s logits."""
+        self._require_classification("predict_proba")
+        return self.predict(x).softmax(-1)
+
+    def predict_labels(self, x: Tensor) -> Tensor:
+        """The most probable class of each input of ``x`` (no gradient)."""
+        self._require_classification("predict_labels")
+        with torch.no_grad():
+            return self._predict(x).argmax(-1)
+
+    def _require_classification(self, method: str) -> None:
+        if self.classification is False:
+            raise ValueError(
+                f"{method}() needs a classification task, but this adaptation was to "
+                "regression targets (floating point): use predict(x) for the outputs"
+            )
 
 
 # Partials rather than functions: a checkpoint describes them as class and hyperparameters.
@@ -273,6 +321,9 @@ class MetaLearningModule(L.LightningModule):
             )
         self.vectorize_tasks = vectorize_tasks
         self._vectorized: bool | None = None
+        # Query accuracies of the current task (train/acc), collected by note_query_output.
+        self._query_accuracy: list[Tensor] | None = None
+        self._vectorized_accuracy: Tensor | None = None  # per task, from the vectorised step
         # Under DDP: which meta-parameters got a meta-gradient since the last optimizer step.
         self._used_meta_params: list[bool] | None = None
         if vectorize_tasks is True:
@@ -387,16 +438,108 @@ class MetaLearningModule(L.LightningModule):
 
     def adapt(
         self,
+        support_x: Tensor | Task,
+        support_y: Tensor | int | None = None,
+        steps: int | None = None,
+        *,
+        create_graph: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> Adaptation:
+        """Adapt to a support set: ``module.adapt(support_x, support_y)``.
+
+        The inner loop needs gradients, so it runs with them enabled even when the caller is
+        under ``torch.no_grad()`` (or Lightning's evaluation); the result then predicts
+        without a graph, and its fast weights are detached. Inference mode is refused: no
+        gradient can be taken in it. The module's mode (train or eval) is the caller's, e.g.
+        BatchNorm with running statistics in eval mode.
+
+        Args:
+            support_x: the support inputs ``[n, ...]``, or a whole :class:`Task` (its support
+                set is used; the form the training and evaluation loops call).
+            support_y: the support targets ``[n]`` (class labels) or ``[n, ...]``
+                (regression); with a ``Task``, optionally the step count in its place
+                (``adapt(task, steps)``).
+            steps: inner steps (default: ``eval_inner_steps``).
+            create_graph: keep the graph for the meta-gradient (training) or not.
+            on_step: called as ``on_step(steps_done, predict)`` after every inner step.
+
+        Returns:
+            The :class:`Adaptation`: ``predict(x)``, and for classification
+            ``predict_labels(x)`` and ``predict_proba(x)``.
+
+        Example:
+            >>> import torch
+            >>> from metalight.algorithms import MAML
+            >>> from metalight.models import MLP
+            >>> module = MAML(MLP(), eval_inner_steps=5)
+            >>> x = torch.linspace(-5, 5, 10).unsqueeze(-1)
+            >>> with torch.no_grad():
+            ...     adaptation = module.adapt(x, torch.sin(x))
+            >>> adaptation.predict(x).shape
+            torch.Size([10, 1])
+        """
+        task, steps = self._adapt_arguments(support_x, support_y, steps)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "adapt() takes gradients, which inference mode forbids: call it under "
+                "torch.no_grad() instead (and use lightning.Trainer(inference_mode=False))"
+            )
+        caller_grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            adaptation = self.adapt_task(task, steps, create_graph=create_graph, on_step=on_step)
+        adaptation.classification = self.is_classification(task.support_y)
+        if not caller_grad:
+            # The caller asked for no graph: nothing it gets back leads to the meta-parameters.
+            adaptation.fast_params = [p.detach() for p in adaptation.fast_params]
+            adaptation._no_grad = True
+        return adaptation
+
+    def _adapt_arguments(
+        self, support_x: Tensor | Task, support_y: Tensor | int | None, steps: int | None
+    ) -> tuple[Task, int]:
+        if isinstance(support_x, Task):
+            task = support_x
+            if isinstance(support_y, int) and not isinstance(support_y, bool):
+                if steps is not None:
+                    raise TypeError(f"adapt(task, {support_y}, {steps}): steps given twice")
+                steps = support_y
+            elif support_y is not None:
+                raise TypeError(
+                    "adapt(task, ...) reads the support set from the task: call adapt(task, "
+                    "steps) or adapt(support_x, support_y, steps)"
+                )
+        elif isinstance(support_x, Tensor) and isinstance(support_y, Tensor):
+            if support_x.shape[:1] != support_y.shape[:1]:
+                raise ValueError(
+                    f"adapt(support_x, support_y): {support_x.shape[0]} inputs but "
+                    f"{support_y.shape[0]} targets; pass one target per support input"
+                )
+            # The query fields are empty: adaptation reads the support set only.
+            task = Task(support_x, support_y, support_x[:0], support_y[:0], support_y.new_zeros(0))
+        else:
+            raise TypeError(
+                "adapt() takes (support_x, support_y, steps) tensors or a Task, got "
+                f"({type(support_x).__name__}, {type(support_y).__name__})"
+            )
+        steps = self.eval_inner_steps if steps is None else steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"adapt(): steps must be an integer >= 0, got {steps!r}")
+        return task, steps
+
+    def adapt_task(
+        self,
         task: Task,
         steps: int,
         *,
         create_graph: bool,
         on_step: StepCallback | None = None,
     ) -> Adaptation:
-        """Adapt to ``task``'s support set with ``steps`` differentiable inner steps.
+        """The hook behind :meth:`adapt`: ``steps`` differentiable inner steps on ``task``'s
+        support set (gradients enabled). Algorithms with their own adaptation (ANIL)
+        override this one.
 
         Args:
-            task: the task.
+            task: the task (its query fields may be empty).
             steps: number of inner steps.
             create_graph: keep the graph for the meta-gradient (training) or not (eval).
             on_step: called as ``on_step(steps_done, predict)`` after every inner step.
@@ -546,7 +689,9 @@ class MetaLearningModule(L.LightningModule):
         adaptation = self.adapt(
             task, steps, create_graph=True, on_step=per_step if self.multi_step_loss else None
         )
-        loss = self.outer_loss(adaptation.predict(task.query_x), task.query_y, task)
+        output = adaptation.predict(task.query_x)
+        loss = self.outer_loss(output, task.query_y, task)
+        self.note_query_output(output, task)
         if self.nan_policy != "off":
             query = loss.detach()
 
@@ -562,6 +707,17 @@ class MetaLearningModule(L.LightningModule):
             return loss.detach(), [None] * len(meta_params)
         grads = torch.autograd.grad(loss * scale, meta_params, allow_unused=True)
         return loss.detach(), list(grads)
+
+    def note_query_output(self, output: Tensor, task: Task) -> None:
+        """Note a task's query outputs after adaptation, for ``train/acc`` (classification).
+
+        Called by :meth:`task_meta_gradient`; an algorithm that overrides it calls this with
+        the outputs it computed anyway (no extra forward pass).
+        """
+        if self._query_accuracy is not None and self.is_classification(task.query_y):
+            with torch.no_grad():
+                hits = (output.argmax(-1) == task.query_y).float().mean()
+            self._query_accuracy.append(hits)
 
     # --- Lightning ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -630,9 +786,10 @@ class MetaLearningModule(L.LightningModule):
         scale ``1 / len(batch)``. Algorithms whose meta-gradient is not the gradient of the
         query loss (Reptile) override both.
         """
-        from metalight.vectorized import vectorized_task_losses
+        from metalight.vectorized import vectorized_unroll
 
-        losses = vectorized_task_losses(self, batch)
+        unrolled = vectorized_unroll(self, batch, graph=True)
+        losses, self._vectorized_accuracy = unrolled.losses, unrolled.accuracy
         meta_loss = losses.mean()
         grads: list[Tensor | None] = (
             list(torch.autograd.grad(meta_loss, meta_params, allow_unused=True))
@@ -663,12 +820,16 @@ class MetaLearningModule(L.LightningModule):
         self._log(
             "train/meta_loss", meta_loss, prog_bar=True, batch_size=len(batch), sync_dist=True
         )
+        accuracy, self._vectorized_accuracy = self._vectorized_accuracy, None
+        if accuracy is not None:
+            self._log_train_accuracy(accuracy, len(batch))
         return self._surrogate(meta_params, grads, meta_loss)
 
     def _loop_training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         meta_params = self.meta_parameters()
         accumulated: list[Tensor | None] = [None] * len(meta_params)
         losses = []
+        accuracies: list[Tensor] = []
         n = len(batch)
         check = self.nan_policy != "off"
         for index in range(n):
@@ -677,6 +838,7 @@ class MetaLearningModule(L.LightningModule):
             # the meta-gradient) wait for its end and cost one host sync together; the first
             # one that fails raises as it would have at its place.
             self._deferred_checks = [] if check else None
+            self._query_accuracy = []
             try:
                 loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
                 if check:
@@ -689,7 +851,9 @@ class MetaLearningModule(L.LightningModule):
                 continue
             finally:
                 self._deferred_checks = None
+                task_accuracy, self._query_accuracy = self._query_accuracy, None
             losses.append(loss)
+            accuracies.extend(task_accuracy)
             for i, g in enumerate(grads):
                 if g is not None:
                     accumulated[i] = g if accumulated[i] is None else accumulated[i] + g
@@ -704,6 +868,8 @@ class MetaLearningModule(L.LightningModule):
             )
         meta_loss = torch.stack(losses).mean() if losses else _zero_loss(meta_params)
         self._log("train/meta_loss", meta_loss, prog_bar=True, batch_size=n, sync_dist=True)
+        if accuracies:
+            self._log_train_accuracy(torch.stack(accuracies), len(accuracies))
         if kept < total:
             # Skipped tasks contribute nothing; rescale so the kept ones form a mean.
             factor = total / kept
@@ -765,6 +931,9 @@ class MetaLearningModule(L.LightningModule):
         for p, flag in zip(self.meta_parameters(), flags.tolist(), strict=True):
             if flag == 0:
                 p.grad = None
+
+    def _log_train_accuracy(self, accuracies: Tensor, n: int) -> None:
+        self._log("train/acc", accuracies.mean(), prog_bar=True, batch_size=n, sync_dist=True)
 
     def _warn_skipped(self, index: int, batch_idx: int, err: Exception) -> None:
         self._warn(f"skipping task {index} of batch {batch_idx}: {err}")
