@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,14 @@ from metalight.cli import main
 from metalight.data import EpisodesDataModule, OmniglotTransform
 from metalight.inference import adapt, find_checkpoint, predict_logits
 from metalight.lightning.module import MetaLearningModule
-from metalight.run import build_module, config_dir, register_recipes, register_resolvers, train
+from metalight.run import (
+    build_datamodule,
+    build_module,
+    config_dir,
+    register_recipes,
+    register_resolvers,
+    train,
+)
 from tests.data.test_episodes import character_images, make_episodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,3 +356,48 @@ def test_bad_input_gets_one_line(
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_guide_python_example_runs_on_a_trained_run(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_dir, _, _, _ = trained
+    guide = (REPO / "docs" / "using-a-trained-model.md").read_text()
+    (source,) = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    new = tmp_path / "new_characters"
+    for k, character in enumerate(("character01", "character02", "character03")):
+        images = character_images(omniglot_dir, "Greek", character)
+        (new / "support" / character).mkdir(parents=True)
+        (new / "support" / character / "1.png").write_bytes(images[0])
+        (new / "query").mkdir(exist_ok=True)
+        (new / "query" / f"{k}.png").write_bytes(images[1])
+    source = source.replace('"runs/RUN"', repr(str(run_dir)))
+    source = source.replace('"new_characters/', f'"{new}/')
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "using-a-trained-model.md", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "OmniglotTransform(image_size=28, channels=1, invert=True)"
+    assert [line.split()[0] for line in lines[1:]] == ["0.png", "1.png", "2.png"]
+    assert all(line.split()[1].startswith("character0") for line in lines[1:])
+    assert namespace["query"].shape == (3, 1, 28, 28)
+
+
+def test_the_guide_train_on_every_class_overrides_hold_nothing_out(omniglot_dir: Path) -> None:
+    guide = (REPO / "docs" / "using-a-trained-model.md").read_text()
+    assert "data.train_alphabets=null data.test_alphabets=[]" in guide
+    register_resolvers()
+    register_recipes()
+    overrides = [
+        "+recipe=omniglot_maml_5w1s",
+        f"data.root={omniglot_dir}",
+        "data.train_alphabets=null",
+        "data.test_alphabets=[]",
+    ]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    dm = build_datamodule(cfg)
+    assert dm.split_names() == ("train",)
+    assert dm.datasets["train"].num_classes == 4 * 242  # every character, with rotations
