@@ -77,6 +77,7 @@ class Distill(BilevelModule):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "distill"))
         count = num_classes * per_class
         self.images = nn.Parameter(torch.randn(count, *input_shape, generator=generator))
+        self.labels: Tensor
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(per_class))
         self.log_lr = nn.Parameter(
             torch.tensor(float(self.base_hparams["lr"])).log(), requires_grad=learn_lr

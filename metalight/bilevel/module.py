@@ -80,12 +80,12 @@ class InnerBatch(NamedTuple):
     Attributes:
         x: inputs ``[B, ...]``.
         y: labels ``[B]``.
-        index: each example's position in the training split ``[B]`` (per-example weights).
+        rows: each example's row in the training split ``[B]`` (per-example weights).
     """
 
     x: Tensor
     y: Tensor
-    index: Tensor
+    rows: Tensor
 
 
 class SplitSource(Protocol):
@@ -289,8 +289,9 @@ class BilevelModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator_seed)
             for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         return [p.detach().to(self.device) for p in model.parameters()]
 
     def current_inner(self) -> tuple[list[Tensor], Any]:

@@ -69,7 +69,7 @@ class Reweight(BilevelModule):
     def inner_loss(self, params: list[Tensor], batch: InnerBatch, step: int) -> Tensor:
         """The weighted mean cross-entropy of the batch."""
         losses = F.cross_entropy(self.predict(params, batch.x), batch.y, reduction="none")
-        weights = self.example_weights(batch.index).to(losses.dtype)
+        weights = self.example_weights(batch.rows).to(losses.dtype)
         return (weights * losses).sum() / weights.sum()
 
     def evaluate_method(self, splits: SplitSource) -> dict[str, float]:

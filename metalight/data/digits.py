@@ -126,8 +126,8 @@ class DigitsDataModule(TaskDataModule):
             ``meta_batch_size``: the number of devices, ...).
 
     Example:
-        >>> dm = DigitsDataModule(inner_steps=5, batch_size=8)  # doctest: +SKIP
-        >>> next(iter(dm.train_dataloader())).support_x.shape  # doctest: +SKIP
+        >>> dm = DigitsDataModule(inner_steps=5, batch_size=8)
+        >>> next(iter(dm.train_dataloader())).support_x.shape
         torch.Size([1, 40, 64])
     """
 
