@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from metalight.functional import FunctionalModule, make_functional, monkeypatch
+from metalight import functional
+from metalight.functional import FunctionalModule, monkeypatch
 
 __all__ = ["FunctionalModule", "buffer_sync", "make_functional", "monkeypatch"]
 
@@ -29,3 +32,30 @@ def buffer_sync(
         True
     """
     fmodule.copy_buffers_from(module, device)
+
+
+def make_functional(
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+) -> FunctionalModule:
+    """A functional view of ``module`` holding no fast weights (higher's signature).
+
+    Args:
+        module: the module to view; never modified.
+        encapsulator: called once as ``encapsulator(fmodule, module)`` before the view is
+            returned, as in higher (e.g. to give it fast weights with ``update_params``).
+
+    Example:
+        >>> import torch
+        >>> from metalight.patch import make_functional
+        >>> model = torch.nn.Linear(2, 1)
+        >>> fmodel = make_functional(
+        ...     model, lambda fm, m: fm.update_params([p * 2 for p in m.parameters()])
+        ... )
+        >>> torch.allclose(fmodel(torch.ones(1, 2)), 2 * model(torch.ones(1, 2)))
+        True
+    """
+    fmodule = functional.make_functional(module)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule

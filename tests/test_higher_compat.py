@@ -53,6 +53,8 @@ def test_public_surface() -> None:
         assert callable(getattr(higher, name)), name
     for name in ["monkeypatch", "make_functional", "buffer_sync"]:
         assert callable(getattr(higher.patch, name)), name
+    for name in ["_OverrideType", "_GradCallbackType", "_GroupedGradsType", "_StateType"]:
+        assert hasattr(higher.optim, name), name
     for name in [
         "_copy_tensor",
         "_recursive_copy_and_cast",
@@ -453,6 +455,27 @@ def test_utils_param_mapping_of_tied_weights() -> None:
     aliases = higher.utils.get_func_params(net, safe_copy=False)
     assert [a.data_ptr() for a in aliases] == [p.data_ptr() for p in net.parameters()]
     assert all(a is not p and a.grad_fn is None for a, p in zip(aliases, net.parameters()))
+
+
+def test_make_functional_with_higher_encapsulator() -> None:
+    model = make_model(15)
+    xs, _ = make_data(1, seed=15)[0]
+    seen: list[tuple[object, object]] = []
+
+    def encapsulator(fmodule: object, module: object) -> None:
+        seen.append((fmodule, module))
+        fmodule.update_params([p.detach() * 0.5 for p in module.parameters()])  # type: ignore[attr-defined]
+
+    fmodel = higher.patch.make_functional(model, encapsulator=encapsulator)
+    assert seen == [(fmodel, model)]
+    halved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in halved.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(fmodel(xs), halved(xs), rtol=0, atol=0)
+    # Without one, the view holds no weights: they are passed per call.
+    bare = higher.patch.make_functional(model)
+    torch.testing.assert_close(bare(xs, params=list(model.parameters())), model(xs))
 
 
 def test_track_higher_grads_get_and_set_on_diffopt() -> None:

@@ -9,6 +9,11 @@ Three levels of the same algorithm:
   steps fast weights out of place, ``new_params = diffopt.step(loss)``.
 """
 
+from collections import defaultdict
+from typing import Any
+
+from torch import Tensor
+
 from metalight.optim import functional
 from metalight.optim.builtin import (
     DifferentiableAdadelta,
@@ -23,7 +28,12 @@ from metalight.optim.builtin import (
     DifferentiableRprop,
     DifferentiableSGD,
 )
-from metalight.optim.differentiable import DifferentiableOptimizer, FunctionalCoreOptimizer
+from metalight.optim.differentiable import (
+    DifferentiableOptimizer,
+    FunctionalCoreOptimizer,
+    GradCallback,
+    Override,
+)
 from metalight.optim.registry import (
     apply_trainable_opt_params,
     create_diff_optim,
@@ -33,6 +43,12 @@ from metalight.optim.registry import (
     register_optim,
     registered_optimizers,
 )
+
+# higher's type aliases, for code annotated with them (``higher.optim._OverrideType``).
+_GroupedGradsType = list[list[Tensor | None]]
+_StateType = list[defaultdict[int, Any]]
+_OverrideType = Override
+_GradCallbackType = GradCallback
 
 __all__ = [
     "DifferentiableASGD",
@@ -48,6 +64,8 @@ __all__ = [
     "DifferentiableRprop",
     "DifferentiableSGD",
     "FunctionalCoreOptimizer",
+    "GradCallback",
+    "Override",
     "apply_trainable_opt_params",
     "create_diff_optim",
     "differentiable_class",
