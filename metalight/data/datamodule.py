@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from metalight.data._validation import check_positive
+from metalight.data._validation import DataArgumentError, check_positive
 from metalight.data.dataset import FewShotDataset
 from metalight.data.image_folder import ImageFolder
 from metalight.data.mini_imagenet import MiniImageNet
@@ -214,10 +214,11 @@ class TaskDataModule(pl.LightningDataModule):
     def _required_eval_stream(self, split: str) -> EvalTaskStream:
         stream = self.eval_stream(split)
         if stream is None:
-            hint = "limit_val_batches=0" if split == "val" else "not calling trainer.test"
-            raise ValueError(
+            hint = "Trainer(limit_val_batches=0)" if split == "val" else "not calling test"
+            raise DataArgumentError(
                 f"{type(self).__name__} has no {split} split; pass {split} data, or skip it "
-                f"({hint})."
+                f"({hint}).",
+                {"limit_val_batches": 0} if split == "val" else {},
             )
         return stream
 
@@ -264,12 +265,12 @@ class TaskDataModule(pl.LightningDataModule):
             if changed:
                 then = ", ".join(f"{k}={saved[k]}" for k in changed)
                 now = ", ".join(f"{k}={current[k]}" for k in changed)
-                raise ValueError(
+                raise DataArgumentError(
                     f"the checkpoint's training tasks were drawn with {then}, this run has "
                     f"{now}: resuming would not continue the same stream of tasks. Resume with "
-                    f"the checkpoint's values (on the command line: seed=..., "
-                    f"data.meta_batch_size=..., data.train_batches_per_epoch=...), or start a "
-                    f"new run (without ckpt_path)"
+                    f"the checkpoint's values ({then}), or start a new run without the "
+                    f"checkpoint",
+                    {k: saved[k] for k in changed},
                 )
         state = {"epoch": int(state_dict["epoch"]), "next_batch": int(state_dict["next_batch"])}
         if self._train_stream is not None:

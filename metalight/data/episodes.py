@@ -329,7 +329,6 @@ class EpisodesDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         """Refused: fixed episodes are for testing only."""
         raise ValueError(
-            "data=episodes holds fixed test episodes only and cannot train; train with "
-            "another data option (omniglot, image_folder, ...), then test with "
-            "metalight eval ckpt_path=CKPT data=episodes data.root=DIR."
+            f"{type(self).__name__} holds fixed test episodes only and cannot train; train "
+            "with another data module, then test the trained module on these episodes."
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from metalight.data._images import cached_tensors, decode_images
+from metalight.data._validation import DataArgumentError
 from metalight.data.dataset import DatasetSplits, FewShotDataset
 from metalight.data.download import download_file
 from metalight.data.transforms import OmniglotTransform
@@ -326,13 +327,14 @@ def _damaged(path: Path, err: BaseException) -> ValueError:
     what = "is empty (0 bytes)" if size == 0 else f"is damaged ({size} bytes: {err})"
     name = path.name.removesuffix(".zip")
     fix = (
-        " (once it is deleted, download=True or data.download=true fetches it)"
+        " (once it is deleted, download=True fetches it)"
         if name in OMNIGLOT_MD5
         else " from the python/ folder of https://github.com/brendenlake/omniglot"
     )
-    return ValueError(
+    return DataArgumentError(
         f"Omniglot zip file {path} {what}: a truncated or corrupt download. Delete it and "
-        f"download it again{fix}."
+        f"download it again{fix}.",
+        {"download": True} if name in OMNIGLOT_MD5 else {},
     )
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from hydra.errors import HydraException, InstantiationException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from metalight.data._validation import DataArgumentError
 from metalight.lightning.checkpoint_io import DiskFullError
 from metalight.lightning.module import NonFiniteError
 
-__all__ = ["ConfigError", "format_error", "is_user_error"]
+__all__ = ["ConfigError", "config_key", "format_error", "is_user_error"]
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     DiskFullError,
     NonFiniteError,
 )
+# Data and Trainer arguments whose config key is not ``data.<argument>``.
+_KEYS = {"seed": "seed", "limit_val_batches": "trainer.limit_val_batches"}
 _MISSING_OPTION = re.compile(r"Could not (?:find|load) '([^']+)/([^']+)'")
 _FULL_KEY = re.compile(r"full_key:\s*(\S+)")
 _TARGET = re.compile(r"target '([^']+)'")
@@ -48,6 +52,41 @@ def is_user_error(exc: BaseException) -> bool:
         (True, False)
     """
     return isinstance(exc, _USER_ERRORS)
+
+
+def config_key(argument: str) -> str:
+    """The config key of a data module's (or the Trainer's) constructor argument.
+
+    Example:
+        >>> config_key("meta_batch_size"), config_key("seed")
+        ('data.meta_batch_size', 'seed')
+    """
+    return _KEYS.get(argument, f"data.{argument}")
+
+
+def _setting(key: str, value: Any) -> str:
+    if value is None:
+        return key
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return f"{key}={shown}"
+
+
+def _run_dir_error(exc: InterpolationResolutionError) -> str | None:
+    # Hydra resolves the run directory (under paths.output_dir) before anything else; an
+    # unusable folder surfaces as an interpolation error that names no key.
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and not isinstance(cause, OSError) and seen < 10:
+        # OmegaConf raises the resolver's error again while handling it: follow the context.
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    if not isinstance(cause, OSError):
+        return None
+    where = f" ({cause.filename})" if cause.filename else ""
+    return (
+        f"paths.output_dir cannot hold run directories{where}: "
+        f"{cause.strerror or type(cause).__name__}; set paths.output_dir to a folder you can "
+        "write to (it is created if missing)"
+    )
 
 
 def _options(message: str) -> list[str]:
@@ -99,6 +138,14 @@ def format_error(exc: BaseException) -> str:
         where = key.group(1) if key else "an object"
         what = f" ({target.group(1)})" if target else ""
         return f"could not build {where}{what}: {detail}"
+    if isinstance(exc, DataArgumentError) and exc.arguments:
+        keys = ", ".join(_setting(config_key(k), v) for k, v in exc.arguments.items())
+        return f"{_one_line(str(exc))} (config: {keys})"
+    resolving = exc if isinstance(exc, InterpolationResolutionError) else exc.__cause__
+    if isinstance(resolving, InterpolationResolutionError):
+        run_dir = _run_dir_error(resolving)
+        if run_dir is not None:
+            return run_dir
     message = str(exc)
     missing = _MISSING_OPTION.search(message)
     if missing:

@@ -1,16 +1,28 @@
-"""Checks of the configuration values users most often get wrong, before anything is built.
+"""Checks of a run's configuration at start-up, before anything on disk is touched.
 
-Each failure raises :class:`~metalight.run.errors.ConfigError` with a message naming the key
+Each failure raises :class:`~metalight.run.errors.ConfigError` with one line naming the key
 and the override that fixes it, instead of an error deep inside a constructor or a crash
 after minutes of training.
+
+Checks of one argument live in the constructors (the data module, the model, the algorithm,
+the optimizers): :func:`validate_config` builds them once, with their own checks, and names
+the config key of the argument they refuse, so the command and the Python API cannot drift
+apart. What no constructor can see is checked here: pairs of keys (model and data), paths,
+the Trainer settings and the number of processes.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -139,7 +151,33 @@ def _check_pairing(cfg: DictConfig) -> None:
             )
 
 
+def _check_folder(key: str, value: Any, purpose: str) -> None:
+    """A folder that will be created or written to: not a file, under a writable folder."""
+    path = Path(str(value)).expanduser().absolute()
+    fix = f"set {key} to a folder you can write to ({purpose})"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value} is a file, not a folder: {fix}")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={value} lies under {existing}, which is a file: {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: {existing} is not writable: {fix}")
+
+
 def _check_data(cfg: DictConfig) -> None:
+    if _class_name(cfg, "data") == "EpisodesDataModule" and _get(cfg, "ckpt_path") in (
+        None,
+        _ABSENT,
+    ):
+        raise ConfigError(
+            "data=episodes holds fixed test episodes only and cannot train; train with another "
+            "data option (omniglot, image_folder, ...), then test with metalight eval "
+            "ckpt_path=CKPT data=episodes data.root=DIR"
+        )
+    # The same bounds as the data modules' own checks (check_positive): kept here for the
+    # config-key wording, and tested against the constructors for every boundary value.
     for key in ("meta_batch_size", "train_batches_per_epoch", "val_episodes", "test_episodes"):
         _int(cfg, f"data.{key}", 1, eg=25)
     for key in ("shots", "queries"):
@@ -150,10 +188,14 @@ def _check_data(cfg: DictConfig) -> None:
     _int(cfg, "data.num_workers", 0, eg=0)
     data_class = _class_name(cfg, "data")
     if data_class in _DATA and _DATA[data_class][1] == "images":
+        # Not a constructor check: one-way classification has nothing to learn.
         _int(cfg, "data.ways", 2)
         _int(cfg, "data.eval_ways", 2, optional=True)
     if data_class in _ROOTS:
         _check_root(cfg, data_class)
+    cache = _get(cfg, "data.cache_dir")
+    if cache not in (None, _ABSENT, ""):
+        _check_folder("data.cache_dir", cache, "decoded images are cached there; or null")
 
 
 def _check_root(cfg: DictConfig, data_class: str) -> None:
@@ -172,21 +214,35 @@ def _check_root(cfg: DictConfig, data_class: str) -> None:
         if data_class == "OmniglotDataModule" and isinstance(sets, list) and set(sets) <= official:
             fix += " (or add data.download=true to download the full Omniglot sets into it)"
         raise ConfigError(f"data.{key}={value} does not exist (looked in {path.resolve()}): {fix}")
-    for extra in ("val_root", "test_root"):
-        other = _get(cfg, f"data.{extra}") if data_class == "ImageFolderDataModule" else None
-        if other not in (None, _ABSENT) and not Path(str(other)).expanduser().is_dir():
+    if data_class == "ImageFolderDataModule":
+        _check_held_out_roots(cfg)
+
+
+def _check_held_out_roots(cfg: DictConfig) -> None:
+    # Without these folders the run would fail after its first epoch (validation) or after
+    # all of training (test): refuse now, with the key to set.
+    for split, uses in (("val", "validation after every epoch"), ("test", "the final test")):
+        key = f"data.{split}_root"
+        value = _get(cfg, key)
+        if value in (None, _ABSENT, ""):
+            if split == "val" and _get(cfg, "trainer.limit_val_batches") == 0:
+                continue
+            skip = " (or trainer.limit_val_batches=0 to train without validation)"
             raise ConfigError(
-                f"data.{extra}={other} does not exist; fix it or set data.{extra}=null"
+                f"{key} is not set: data=image_folder needs held-out classes for {uses}; "
+                f"add {key}=PATH, a folder of class folders other than data.train_root"
+                f"{skip if split == 'val' else ''}"
+            )
+        if not Path(str(value)).expanduser().is_dir():
+            raise ConfigError(
+                f"{key}={value} does not exist (looked in {Path(str(value)).resolve()}); set "
+                f"{key}=PATH to a folder of class folders"
             )
 
 
 def _check_algorithm(cfg: DictConfig) -> None:
-    _int(cfg, "algorithm.inner_steps", 0)
-    _int(cfg, "algorithm.eval_inner_steps", 0, optional=True, eg=10)
-    _int(cfg, "algorithm.truncate", 1, optional=True, eg=1)
-    _int(cfg, "algorithm.cg_steps", 1)
-    _positive(cfg, "algorithm.reg_lambda", eg="2.0")
-    _positive(cfg, "algorithm.inner_lr", "a learning rate > 0")
+    # Each argument's own bounds are the algorithm constructor's (see _check_constructors);
+    # this check relates two of them, with the evaluation steps spelt out.
     eval_steps = _get(cfg, "algorithm.eval_inner_steps")
     if eval_steps in (None, _ABSENT):
         eval_steps = _get(cfg, "algorithm.inner_steps")
@@ -202,16 +258,107 @@ def _check_algorithm(cfg: DictConfig) -> None:
                 f"algorithm.eval_report_steps {report} must lie in 0..{eval_steps} (the number "
                 "of evaluation inner steps, algorithm.eval_inner_steps)"
             )
+    _positive(cfg, "algorithm.inner_lr", "a learning rate > 0")
     first_order = _get(cfg, "algorithm.first_order")
     if first_order is not _ABSENT and not isinstance(first_order, bool):
         raise ConfigError(f"algorithm.first_order must be true or false, got {_show(first_order)}")
 
 
-def _check_optimizers(cfg: DictConfig) -> None:
+def _factory_groups(cfg: DictConfig) -> list[str]:
     uses_inner = "inner_optim" in (cfg.get("algorithm") or {})
-    if uses_inner:
+    groups = ["inner_optim"] if uses_inner else []
+    return [*groups, "outer_optim", "scheduler"]
+
+
+def _check_sequences(group: str, node: DictConfig, cfg: DictConfig) -> None:
+    """Values whose default is a tuple (Adam's betas, Rprop's etas) need as many entries:
+    torch indexes them before it checks them ("list index out of range")."""
+    try:
+        parameters = inspect.signature(_locate(str(node["_target_"]))).parameters
+    except (ImportError, ValueError, TypeError):
+        return  # building it below reports an unknown target
+    for name, parameter in parameters.items():
+        default = parameter.default
+        if not isinstance(default, tuple) or name not in node:
+            continue
+        value = _get(cfg, f"{group}.{name}")
+        numbers = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+        if not numbers or len(value) != len(default):
+            raise ConfigError(
+                f"{group}.{name} must be a list of {len(default)} numbers, got {_show(value)}; "
+                f"e.g. {group}.{name}=[{','.join(str(v) for v in default)}] (the default)"
+            )
+
+
+def _locate(path: str) -> Any:
+    from hydra.utils import get_object
+
+    return get_object(path)
+
+
+def _check_optimizers(cfg: DictConfig) -> None:
+    if "inner_optim" in _factory_groups(cfg):
         _positive(cfg, "inner_optim.lr", "a learning rate > 0 (the inner step size)")
     _positive(cfg, "outer_optim.lr", "a learning rate > 0", eg="0.001")
+    for group in _factory_groups(cfg):
+        node = OmegaConf.select(cfg, group, default=None)
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(
+                f"{group} must be a config with a _target_ (a class path) and _partial_: true, "
+                f"got {_show(_get(cfg, group))}"
+            )
+        if node.get("_partial_") is not True:
+            given = "the optimizer" if group == "scheduler" else "the parameters"
+            plus = "" if "_partial_" in node else "+"
+            raise ConfigError(
+                f"{group} ({node['_target_']}) must be a partial config: the algorithm gives it "
+                f"{given} when training starts; add {plus}{group}._partial_=true"
+            )
+        _check_sequences(group, node, cfg)
+    # Build them once on a stand-in parameter: the constructors check their own values.
+    built: dict[str, Any] = {}
+    for group in _factory_groups(cfg):
+        node = OmegaConf.select(cfg, group, default=None)
+        if node is None:
+            continue
+        argument = built["outer_optim"] if group == "scheduler" else [torch.zeros(1)]
+        try:
+            built[group] = instantiate(node, _convert_="all")(argument)
+        except (InstantiationException, ValueError, TypeError, KeyError, IndexError) as err:
+            cause = err.__cause__ if isinstance(err, InstantiationException) else err
+            detail = " ".join(str(cause or err).split())
+            raise ConfigError(
+                f"{group} ({node['_target_']}) refuses its values: {detail}; fix the "
+                f"{group}.* value it names"
+            ) from None
+
+
+def _world_size(cfg: DictConfig) -> int | None:
+    """The number of training processes the Trainer will start, when it can be told."""
+    devices = _get(cfg, "trainer.devices")
+    nodes = _get(cfg, "trainer.num_nodes")
+    nodes = nodes if _is_int(nodes) and nodes >= 1 else 1
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.lstrip("-").isdigit():
+            devices = int(text)
+        elif "," in text:
+            devices = [d for d in text.split(",") if d.strip()]
+    if isinstance(devices, list):
+        count = len(devices)
+    elif _is_int(devices) and devices >= 1:
+        count = devices
+    elif devices in (-1, "auto"):
+        accelerator = str(_get(cfg, "trainer.accelerator"))
+        gpus = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        count = torch.cuda.device_count() if gpus else 1
+    else:
+        return None
+    return count * nodes
 
 
 def _check_trainer(cfg: DictConfig) -> None:
@@ -232,23 +379,61 @@ def _check_trainer(cfg: DictConfig) -> None:
             "training would never stop: trainer.max_steps=-1 needs trainer.max_time "
             "(e.g. trainer.max_time=00:00:12:00) or trainer.max_epochs"
         )
+    accumulate = _get(cfg, "trainer.accumulate_grad_batches")
+    if accumulate is not _ABSENT and (not _is_int(accumulate) or accumulate < 1):
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches must be an integer >= 1 (meta-batches per outer "
+            f"step), got {_show(accumulate)}; e.g. trainer.accumulate_grad_batches=1"
+        )
+    clip = _get(cfg, "trainer.gradient_clip_val")
+    if clip not in (None, _ABSENT):
+        number = isinstance(clip, int | float) and not isinstance(clip, bool)
+        if not number or not math.isfinite(clip) or clip <= 0:
+            raise ConfigError(
+                f"trainer.gradient_clip_val must be a number > 0 (the largest meta-gradient "
+                f"norm kept), got {_show(clip)}; e.g. trainer.gradient_clip_val=10, or "
+                "trainer.gradient_clip_val=null for no clipping"
+            )
+    _check_world_size(cfg)
+
+
+def _check_world_size(cfg: DictConfig) -> None:
+    # Whatever the strategy ("auto" included): more than one process splits every batch.
+    processes = _world_size(cfg)
+    if processes is None or processes < 2:
+        return
     devices = _get(cfg, "trainer.devices")
-    strategy = str(_get(cfg, "trainer.strategy"))
-    if _is_int(devices) and devices > 1 and "ddp" in strategy:
-        for key in ("meta_batch_size", "eval_meta_batch_size", "val_episodes", "test_episodes"):
-            value = _get(cfg, f"data.{key}")
-            if _is_int(value) and value % devices:
-                raise ConfigError(
-                    f"data.{key} ({value}) must be divisible by trainer.devices ({devices}): "
-                    f"the tasks are split evenly over the processes; e.g. data.{key}="
-                    f"{max(devices, value - value % devices)}"
-                )
+    nodes = _get(cfg, "trainer.num_nodes")
+    if _is_int(nodes) and nodes > 1:
+        what = f"the number of processes (trainer.devices x trainer.num_nodes = {processes})"
+    else:
+        what = f"trainer.devices ({devices if _is_int(devices) else processes})"
+    keys = ["meta_batch_size", "eval_meta_batch_size", "test_episodes"]
+    if _get(cfg, "trainer.limit_val_batches") != 0:
+        keys.insert(2, "val_episodes")
+    for key in keys:
+        value = _get(cfg, f"data.{key}")
+        if _is_int(value) and value % processes:
+            raise ConfigError(
+                f"data.{key} ({value}) must be divisible by {what}: the tasks are split "
+                f"evenly over the processes; e.g. data.{key}="
+                f"{max(processes, value - value % processes)}"
+            )
+
+
+_SEED_MAX = 2**32 - 1  # numpy's (and so Lightning's) seed range
 
 
 def _check_run(cfg: DictConfig) -> None:
     seed = _get(cfg, "seed")
-    if seed is not _ABSENT and not _is_int(seed):
-        raise ConfigError(f"seed must be an integer, got {_show(seed)}; e.g. seed=0")
+    if (
+        seed is not _ABSENT
+        and seed is not None
+        and (not _is_int(seed) or not 0 <= seed <= _SEED_MAX)
+    ):
+        raise ConfigError(
+            f"seed must be an integer in 0..{_SEED_MAX}, got {_show(seed)}; e.g. seed=0"
+        )
     _int(cfg, "num_threads", 1, optional=True, eg=1)
     ckpt = _get(cfg, "ckpt_path")
     if ckpt not in (None, _ABSENT):
@@ -258,10 +443,71 @@ def _check_run(cfg: DictConfig) -> None:
                 f"ckpt_path={ckpt} does not exist (looked for {path.resolve()}); give the path "
                 "of a .ckpt file, e.g. runs/RUN/checkpoints/last.ckpt"
             )
+    if _get(cfg, "paths.run_dir") in (None, _ABSENT, ""):
+        output = _get(cfg, "paths.output_dir")
+        if output not in (None, _ABSENT, ""):
+            _check_folder("paths.output_dir", output, "every run gets a new folder in it")
+
+
+# --- the constructors' own checks, named by config key ----------------------------------------
+_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+_ARGUMENT = re.compile(r"^([A-Za-z_]\w*)\b")
+
+
+def _source_key(node: DictConfig, name: str, key: str) -> str:
+    """The key the user sets: ``data.seed`` is ``${seed}``, so ``seed``."""
+    raw = node._get_node(name)
+    value = raw._value() if raw is not None else None  # type: ignore[union-attr]
+    match = _INTERPOLATION.match(value) if isinstance(value, str) else None
+    return match.group(1) if match else key
+
+
+def _named(cfg: DictConfig, group: str, err: BaseException) -> ConfigError:
+    from metalight.data._validation import DataArgumentError
+    from metalight.run.errors import format_error
+
+    cause = err.__cause__ if isinstance(err, InstantiationException) else err
+    if not isinstance(cause, ValueError | TypeError) or cause is None:
+        return ConfigError(format_error(err))
+    message = " ".join(str(cause).split())
+    if isinstance(cause, DataArgumentError) and cause.arguments:
+        names = list(cause.arguments)
+    else:
+        match = _ARGUMENT.match(message)
+        names = [match.group(1)] if match else []
+    node = OmegaConf.select(cfg, group, default=None)
+    for name in names:
+        if isinstance(node, DictConfig) and name in node:
+            key = _source_key(node, name, f"{group}.{name}")
+            if message.startswith(name):
+                return ConfigError(key + message[len(name) :])
+            return ConfigError(f"{key}: {message}")
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return ConfigError(f"{group} ({target}) refuses its values: {message}")
+
+
+def _check_constructors(cfg: DictConfig) -> None:
+    """Builds the data module, the model and the algorithm (none reads or writes a file
+    before ``setup``), so their own argument checks run now, before training."""
+    try:
+        instantiate(cfg.data, _convert_="all")
+    except (InstantiationException, ValueError, TypeError) as err:
+        raise _named(cfg, "data", err) from None
+    try:
+        model = instantiate(cfg.model, _convert_="all")
+    except (InstantiationException, ValueError, TypeError) as err:
+        raise _named(cfg, "model", err) from None
+    try:
+        instantiate(cfg.algorithm, model=model, _convert_="all")
+    except (InstantiationException, ValueError, TypeError) as err:
+        raise _named(cfg, "algorithm", err) from None
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed ``train`` configuration; raise on the first problem.
+
+    Nothing is read from or written to disk but the checks of paths, so a refused run leaves
+    every existing file as it was.
 
     Args:
         cfg: the composed configuration (``configs/train.yaml`` plus overrides).
@@ -271,14 +517,16 @@ def validate_config(cfg: DictConfig) -> None:
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> validate_config(OmegaConf.create({"seed": "abc"}))
+        >>> validate_config(OmegaConf.create({"seed": "abc"}))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        metalight.run.errors.ConfigError: seed must be an integer, got the text 'abc'; e.g. seed=0
+        metalight.run.errors.ConfigError: seed must be an integer in 0..4294967295, got the ...
     """
     _check_run(cfg)
     _check_pairing(cfg)
     _check_data(cfg)
     _check_algorithm(cfg)
-    _check_optimizers(cfg)
     _check_trainer(cfg)
+    _check_optimizers(cfg)
+    if all(cfg.get(group) is not None for group in ("data", "model", "algorithm")):
+        _check_constructors(cfg)

@@ -101,7 +101,7 @@ def test_datamodule_serves_each_episode_in_folder_order(omniglot_dir: Path, tmp_
         assert isinstance(batch, TaskBatch) and len(batch) == 1
         assert torch.equal(batch.support_x[0], task.support_x)
         assert torch.equal(batch.query_y[0], task.query_y)
-    with pytest.raises(ValueError, match="data=episodes holds fixed test episodes only"):
+    with pytest.raises(ValueError, match="EpisodesDataModule holds fixed test episodes only"):
         dm.train_dataloader()
 
 

@@ -636,14 +636,14 @@ CASES = [
         "checkpoint-missing",
         lambda ctx: AtomicCheckpointIO().load_checkpoint(ctx.tmp / "nope.ckpt"),
         FileNotFoundError,
-        r"Checkpoint file not found: .*nope\.ckpt",
+        r"checkpoint file .*nope\.ckpt does not exist",
     ),
     Case(
         "checkpoint-truncated",
         lambda ctx: resume(truncated(ctx), MAML(MLP(hidden=(8,))), plugins=[AtomicCheckpointIO()]),
         CorruptCheckpointError,
         r"checkpoint file .*cut\.ckpt \(\d+ bytes\) is truncated or is not a checkpoint: it is "
-        r"not a complete torch\.save archive .* resume from an earlier checkpoint",
+        r"not a complete torch\.save archive.* resume from an earlier checkpoint",
     ),
     Case(
         "checkpoint-not-a-checkpoint",
@@ -678,3 +678,361 @@ def test_case_ids_are_unique() -> None:
 def test_bad_input_is_explained(case: Case, tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(case.error, match=case.match):
         case.run(Ctx(tmp_path, checkpoint))
+
+
+# --- bad configuration values of `metalight train` --------------------------------------------
+# Each is refused at start-up: exit status 2, one line naming the key (or file) and the fix,
+# no traceback, and every file already on disk (data, an earlier run) left as it was.
+@dataclass
+class CliCase:
+    id: str
+    args: list[str]  # after `metalight train`; "{data}" is a folder of class folders
+    match: str
+    tiny: bool = True  # with the small budgets of TINY (data options without them: False)
+
+
+TINY = [
+    "trainer.max_steps=1",
+    "data.meta_batch_size=2",
+    "data.val_episodes=2",
+    "data.test_episodes=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+FOLDERS = [
+    "data=image_folder",
+    "model=conv4",
+    "model.in_channels=3",
+    "data.train_root={data}",
+    "data.ways=2",
+    "data.shots=1",
+    "data.queries=1",
+    "data.image_size=16",
+]
+HELD_OUT = ["data.val_root={data}", "data.test_root={data}"]
+
+CLI_CASES = [
+    CliCase(
+        "image-folder-without-test-root",
+        [*FOLDERS, "data.val_root={data}"],
+        r"data\.test_root is not set: data=image_folder needs held-out classes for the final "
+        r"test; add data\.test_root=PATH",
+    ),
+    CliCase(
+        "image-folder-without-val-root",
+        [*FOLDERS, "data.test_root={data}"],
+        r"data\.val_root is not set: .*add data\.val_root=PATH.*trainer\.limit_val_batches=0",
+    ),
+    CliCase(
+        "devices-with-strategy-auto-not-dividing-the-meta-batch",
+        ["trainer.devices=2", "data.meta_batch_size=3"],
+        r"data\.meta_batch_size \(3\) must be divisible by trainer\.devices \(2\)",
+    ),
+    CliCase(
+        "devices-over-nodes-not-dividing-the-test-episodes",
+        [
+            "trainer.devices=2",
+            "trainer.num_nodes=2",
+            "data.meta_batch_size=4",
+            "data.val_episodes=4",
+        ],
+        r"data\.test_episodes \(2\) must be divisible by the number of processes "
+        r"\(trainer\.devices x trainer\.num_nodes = 4\)",
+    ),
+    CliCase(
+        "accumulate-grad-batches-zero",
+        ["trainer.accumulate_grad_batches=0"],
+        r"trainer\.accumulate_grad_batches must be an integer >= 1 .*got 0; e\.g\. "
+        r"trainer\.accumulate_grad_batches=1",
+    ),
+    CliCase(
+        "gradient-clip-negative",
+        ["trainer.gradient_clip_val=-1"],
+        r"trainer\.gradient_clip_val must be a number > 0 .*got -1; .*"
+        r"trainer\.gradient_clip_val=null for no clipping",
+    ),
+    CliCase(
+        "seed-negative",
+        ["seed=-1"],
+        r"seed must be an integer in 0\.\.4294967295, got -1; e\.g\. seed=0",
+    ),
+    CliCase(
+        "adam-betas-one-entry",
+        ["inner_optim=adam", "inner_optim.betas=[0.9]"],
+        r"inner_optim\.betas must be a list of 2 numbers, got \[0\.9\]; e\.g\. "
+        r"inner_optim\.betas=\[0\.9,0\.999\]",
+    ),
+    CliCase(
+        "outer-optimizer-refuses-a-value",
+        ["outer_optim.eps=-1"],
+        r"outer_optim \(torch\.optim\.Adam\) refuses its values: Invalid epsilon value: -1",
+    ),
+    CliCase(
+        "scheduler-without-partial",
+        ["+scheduler._target_=torch.optim.lr_scheduler.StepLR", "+scheduler.step_size=2"],
+        r"scheduler \(torch\.optim\.lr_scheduler\.StepLR\) must be a partial config: .*add "
+        r"\+scheduler\._partial_=true",
+    ),
+    CliCase(
+        "scheduler-refuses-a-value",
+        [
+            "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+            "+scheduler._partial_=true",
+            "+scheduler.step_size=2",
+            "+scheduler.last_epoch=-5",
+        ],
+        r"scheduler \(torch\.optim\.lr_scheduler\.StepLR\) refuses its values: ",
+    ),
+    CliCase(
+        "cache-dir-is-a-file",
+        [*FOLDERS, *HELD_OUT, "data.cache_dir={file}"],
+        r"data\.cache_dir=\S*notes\.txt is a file, not a folder: set data\.cache_dir to a "
+        r"folder",
+    ),
+    CliCase(
+        "output-dir-is-a-file",
+        ["paths.output_dir={file}"],
+        r"paths\.output_dir cannot hold run directories \(\S*notes\.txt\): File exists; set "
+        r"paths\.output_dir to a folder you can write to",
+    ),
+    CliCase(
+        "output-dir-under-a-file",
+        ["paths.output_dir={file}/runs"],
+        r"paths\.output_dir cannot hold run directories \(\S*notes\.txt/runs\): Not a directory",
+    ),
+    CliCase(
+        "train-on-fixed-episodes",
+        ["data=episodes", "data.root={data}"],
+        r"data=episodes holds fixed test episodes only and cannot train; .*then test with "
+        r"metalight eval ckpt_path=CKPT data=episodes data\.root=DIR",
+        tiny=False,
+    ),
+    # The constructors' own checks, named by config key.
+    CliCase(
+        "truncate-negative",
+        ["algorithm.truncate=-1"],
+        r"algorithm\.truncate must be None or an integer >= 0 \(the number of last inner steps",
+    ),
+    CliCase(
+        "inner-steps-not-an-integer",
+        ["algorithm.inner_steps=abc"],
+        r"algorithm\.inner_steps must be an integer >= 0, got 'abc'",
+    ),
+    CliCase(
+        "imaml-reg-lambda-zero",
+        ["algorithm=imaml", "algorithm.reg_lambda=0"],
+        r"algorithm\.reg_lambda must be > 0, got 0",
+    ),
+    CliCase(
+        "nan-policy-unknown",
+        ["algorithm.nan_policy=ignore"],
+        r"algorithm\.nan_policy must be 'raise', 'skip' or 'off', got 'ignore'",
+    ),
+    CliCase(
+        "sinusoid-range-reversed",
+        ["data.amplitude_range=[5.0,1.0]"],
+        r"data\.amplitude_range must be \(low, high\) with low <= high",
+    ),
+]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (the trees here are a few small files)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[case.id for case in CLI_CASES])
+def test_bad_config_value_is_refused_at_start_up(
+    case: CliCase,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from metalight.cli import main
+
+    data = image_folder(tmp_path / "data", classes=2, per_class=2)
+    notes = text_file(tmp_path / "notes.txt", "not a folder")
+    earlier = tmp_path / "runs" / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    text_file(earlier / "config.yaml", "seed: 0\n")
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"\x00" * 64)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(data=data, file=notes) for a in case.args]
+    output = "paths.output_dir=runs"
+    if any(a.startswith("paths.output_dir=") for a in args):
+        output = ""
+    tiny = TINY if case.tiny else []
+    code = main(["train", *tiny, "logger=none", *([output] if output else []), *args])
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit status {code}\n{out}\n{err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err + out
+    assert lines[0].startswith("metalight train: error: "), lines[0]
+    assert re.search(case.match, lines[0]), lines[0]
+    after = snapshot(tmp_path)
+    changed = [name for name, blob in before.items() if after.get(name) != blob]
+    assert changed == []
+    # At most the run directory Hydra reserves before the config is read: its own files only.
+    new = sorted(set(after) - set(before))
+    assert all(Path(n).parts[-1] == "train.log" or ".hydra" in Path(n).parts for n in new), new
+
+
+# --- the command and the Python API accept the same values --------------------------------------
+# (config key, value, a constructor call with that value). Every boundary value of a
+# constructor's own check, on both sides; the command must accept exactly what the Python API
+# accepts. Checks that relate several keys (model and data) or belong to the command alone
+# (the learning rates must be > 0, ways >= 2) are not constructor checks and are not listed.
+def _sinusoid(**kwargs: Any) -> Any:
+    return SinusoidDataModule(**kwargs)
+
+
+def _maml(**kwargs: Any) -> Any:
+    return MAML(MLP(hidden=(4,)), **kwargs)
+
+
+def _imaml(**kwargs: Any) -> Any:
+    return IMAML(MLP(hidden=(4,)), **kwargs)
+
+
+BOUNDARIES: list[tuple[list[str], str, Any, Callable[..., Any]]] = [
+    *[
+        ([], f"data.{name}", value, functools.partial(_sinusoid, **{name: value}))
+        for name in (
+            "meta_batch_size",
+            "train_batches_per_epoch",
+            "val_episodes",
+            "test_episodes",
+            "eval_meta_batch_size",
+            "shots",
+            "queries",
+            "eval_shots",
+            "eval_queries",
+        )
+        for value in (0, 1)
+    ],
+    *[([], "data.num_workers", v, functools.partial(_sinusoid, num_workers=v)) for v in (-1, 0)],
+    *[
+        # (no report steps: their range follows the evaluation steps, checked separately)
+        (
+            ["algorithm.eval_report_steps=[]"],
+            f"algorithm.{name}",
+            value,
+            functools.partial(_maml, **{name: value}),
+        )
+        for name in ("inner_steps", "eval_inner_steps", "truncate")
+        for value in (-1, 0, 1)
+    ],
+    *[
+        (["algorithm=imaml"], "algorithm.cg_steps", v, functools.partial(_imaml, cg_steps=v))
+        for v in (0, 1)
+    ],
+    *[
+        (["algorithm=imaml"], "algorithm.reg_lambda", v, functools.partial(_imaml, reg_lambda=v))
+        for v in (0.0, 1e-6)
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def compose_with() -> Callable[[list[str]], Any]:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from metalight.run import config_dir, register_recipes, register_resolvers
+
+    register_resolvers()
+    register_recipes()
+
+    def _compose(overrides: list[str]) -> Any:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            try:
+                return compose("train", overrides=[*overrides, "paths.run_dir=unused"])
+            except ConfigCompositionException:
+                # A key the config leaves out (its default applies): add it.
+                added = [*overrides[:-1], f"+{overrides[-1]}"]
+                return compose("train", overrides=[*added, "paths.run_dir=unused"])
+
+    return _compose
+
+
+@pytest.mark.parametrize(
+    ("groups", "key", "value", "build"),
+    BOUNDARIES,
+    ids=[f"{key}={value}" for _, key, value, _ in BOUNDARIES],
+)
+def test_command_and_python_api_agree_on_boundary_values(
+    groups: list[str], key: str, value: Any, build: Callable[[], Any], compose_with: Any
+) -> None:
+    from metalight.run import ConfigError, validate_config
+
+    try:
+        build()
+        python_error = None
+    except (ValueError, TypeError) as err:
+        python_error = str(err)
+    try:
+        validate_config(compose_with([*groups, f"{key}={value}"]))
+        config_error = None
+    except ConfigError as err:
+        config_error = str(err)
+    assert (python_error is None) == (config_error is None), (python_error, config_error)
+    if config_error is not None:
+        assert config_error.startswith(key), config_error
+
+
+# --- data errors use the Python API's words; the command adds its config keys ------------------
+def test_data_errors_name_arguments_and_the_command_maps_them_to_config_keys() -> None:
+    from metalight.data._validation import DataArgumentError
+    from metalight.run import format_error
+
+    data = SinusoidDataModule(meta_batch_size=2, seed=3)
+    saved = {"epoch": 0, "next_batch": 1, "stream": {"seed": 0, "meta_batch_size": 4}}
+    with pytest.raises(DataArgumentError) as info:
+        data.load_state_dict(saved)
+    assert info.value.arguments == {"seed": 0, "meta_batch_size": 4}
+    assert "data." not in str(info.value) and "command line" not in str(info.value)
+    assert format_error(info.value).endswith(
+        "Resume with the checkpoint's values (seed=0, meta_batch_size=4), or start a new run "
+        "without the checkpoint (config: seed=0, data.meta_batch_size=4)"
+    )
+    no_val = EpisodicDataModuleWithoutVal()
+    with pytest.raises(DataArgumentError) as info:
+        no_val.val_dataloader()
+    assert format_error(info.value) == (
+        "EpisodicDataModule has no val split; pass val data, or skip it "
+        "(Trainer(limit_val_batches=0)). (config: trainer.limit_val_batches=0)"
+    )
+
+
+def EpisodicDataModuleWithoutVal() -> Any:
+    from metalight.data import EpisodicDataModule
+
+    dataset = FewShotDataset(torch.zeros(8, 1), [0, 0, 0, 0, 1, 1, 1, 1], ["a", "b"])
+    return EpisodicDataModule(dataset, ways=2, shots=1, queries=1, meta_batch_size=2)
+
+
+_COMMAND_WORDS = re.compile(r"\bdata\.\w+=|command line|metalight (?:train|eval)|\bckpt_path=")
+
+
+def test_data_layer_messages_do_not_quote_the_command_line() -> None:
+    import ast
+
+    import metalight.data
+
+    offenders = []
+    for path in sorted(Path(metalight.data.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and id(node) not in docstrings and _COMMAND_WORDS.search(text):
+                offenders.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert offenders == []
