@@ -11,7 +11,6 @@ all-reduce, gradient clipping, accumulation, precision scaling and the outer ste
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +22,8 @@ from torch import Tensor, nn
 from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, monkeypatch
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
+from metalight.lightning.finite import FiniteChecks, NonFiniteError
+from metalight.lightning.finite import all_finite as _all_finite
 from metalight.lightning.metrics import EpisodeMetrics
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
@@ -35,10 +36,6 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 InnerLR = Literal["scalar", "per_layer", "per_layer_per_step", "per_parameter"]
 StepCallback = Callable[[int, Callable[[Tensor], Tensor]], None]
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or Inf appeared in an inner step (loss, gradient or fast weights)."""
 
 
 class Adaptation:
@@ -112,33 +109,8 @@ def _zero_loss(params: Sequence[Tensor]) -> Tensor:
     return torch.zeros((), device=params[0].device) if params else torch.zeros(())
 
 
-def _peak(tensors: Sequence[Tensor | None]) -> Tensor | None:
-    """The largest magnitude over many tensors (no host sync), or None for none.
-
-    It is finite only if every entry is; a sum would not do: finite entries near the
-    dtype's maximum add up to Inf (a false alarm).
-    """
-    present = [t for t in tensors if t is not None and t.numel()]
-    if not present:
-        return None
-    with torch.no_grad():
-        try:
-            norms = list(torch._foreach_norm(present, float("inf")))
-        except RuntimeError:  # tensors on several devices
-            norms = [torch.linalg.vector_norm(t, float("inf")) for t in present]
-        if len({n.dtype for n in norms}) > 1 or len({n.device for n in norms}) > 1:
-            norms = [n.float().to(norms[0].device) for n in norms]
-        return torch.stack(norms).amax()
-
-
 def _raise_nonfinite_meta_gradient() -> None:
     raise NonFiniteError("non-finite meta-gradient")
-
-
-def _all_finite(tensors: Sequence[Tensor | None]) -> bool:
-    """Whether every entry of ``tensors`` is finite, with one host sync."""
-    peak = _peak(tensors)
-    return peak is None or math.isfinite(peak.item())
 
 
 def _empty_batch_message(batch_idx: int | None) -> str:
@@ -269,8 +241,8 @@ class MetaLearningModule(L.LightningModule):
         self.multi_step_loss = multi_step_loss
         self.task_type = task_type
         self.nan_policy = nan_policy
-        # NaN/Inf checks waiting for the end of a task (see _expect_finite); None: check now.
-        self._deferred_checks: list[tuple[list[Tensor | None], Callable[[], None]]] | None = None
+        # NaN/Inf checks, deferred to the end of each task in the training loop.
+        self._finite = FiniteChecks()
         inner_optim = _default_inner_optim if inner_optim is None else inner_optim
         outer_optim = _default_outer_optim if outer_optim is None else outer_optim
         # Saved with the hyperparameters, so load_from_checkpoint rebuilds the same optimizers.
@@ -633,21 +605,9 @@ class MetaLearningModule(L.LightningModule):
         """Call ``fail`` (which raises) unless every entry of ``tensors`` is finite.
 
         Inside the per-task training loop the check waits for the end of the task, where
-        all of its checks cost one host sync together (:meth:`_run_deferred_checks`).
+        all of its checks cost one host sync together (:class:`FiniteChecks`).
         """
-        if self._deferred_checks is not None:
-            self._deferred_checks.append((list(tensors), fail))
-        elif not _all_finite(tensors):
-            fail()
-
-    def _run_deferred_checks(self) -> None:
-        """One host sync for the task's waiting checks; on a failure, the first one raises."""
-        pending, self._deferred_checks = self._deferred_checks, None
-        if not pending or _all_finite([t for tensors, _ in pending for t in tensors]):
-            return
-        for tensors, fail in pending:
-            if not _all_finite(tensors):
-                fail()
+        self._finite.expect(tensors, fail)
 
     @staticmethod
     def _describe_nonfinite(
@@ -837,20 +797,18 @@ class MetaLearningModule(L.LightningModule):
             # The task's NaN/Inf checks (each inner loss, the final weights, the query loss,
             # the meta-gradient) wait for its end and cost one host sync together; the first
             # one that fails raises as it would have at its place.
-            self._deferred_checks = [] if check else None
             self._query_accuracy = []
             try:
-                loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
-                if check:
-                    self._expect_finite(grads, _raise_nonfinite_meta_gradient)
-                self._run_deferred_checks()
+                with self._finite.deferred(enabled=check):
+                    loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
+                    if check:
+                        self._expect_finite(grads, _raise_nonfinite_meta_gradient)
             except NonFiniteError as err:
                 if self.nan_policy != "skip":
                     raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}") from err
                 self._warn_skipped(index, batch_idx, err)
                 continue
             finally:
-                self._deferred_checks = None
                 task_accuracy, self._query_accuracy = self._query_accuracy, None
             losses.append(loss)
             accuracies.extend(task_accuracy)
