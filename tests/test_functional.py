@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
-from metalight.functional import make_functional, monkeypatch
+from metalight import innerloop_ctx
+from metalight.functional import functional_call, make_functional, monkeypatch
 from metalight.patch import buffer_sync
 
 
@@ -276,3 +282,207 @@ def test_layout_cache_follows_replaced_parameters() -> None:
     assert second.fast_params[0] is model[0].weight
     assert second(torch.ones(4, 2)).shape == (4, 2)
     assert [p.shape for p in second.fast_params][2] == (2, 3)
+
+
+def _shared_model() -> tuple[nn.Module, nn.Linear]:
+    torch.manual_seed(7)
+    proj = nn.Linear(4, 4)
+    return nn.Sequential(proj, nn.Tanh(), nn.Linear(4, 4), proj).double(), proj
+
+
+def test_module_object_used_twice_is_never_left_with_fast_weights() -> None:
+    model, proj = _shared_model()
+    own = [proj.weight, proj.bias]
+    before = snapshot(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # a second context fails when the first left fast weights behind
+        with innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(fmodel(x).pow(2).mean())
+            assert model[0].weight is own[0] and model[3].bias is own[1]
+        assert model[0].weight is own[0] and model[3].weight is own[0]
+        assert model[0].weight.grad_fn is None and model[3].bias.grad_fn is None
+        assert_unchanged(model, before)
+    # New weights given with params= reach both places the module object is used.
+    new = [p * 0.5 for p in fmodel.parameters(time=0)]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), new, strict=True):
+            p.copy_(q)
+    torch.testing.assert_close(fmodel(x, params=new), twin(x), rtol=0, atol=0)
+    assert_unchanged(model, before)
+
+
+def test_error_inside_forward_restores_the_module() -> None:
+    model, proj = _shared_model()
+    before = snapshot(model)
+    fmodel = monkeypatch(model)
+    fmodel.update_params([p + 1 for p in fmodel.parameters()])
+    with pytest.raises(RuntimeError):
+        fmodel(torch.zeros(2, 3, dtype=torch.float64))
+    assert model[0].weight is proj.weight and model[3].weight is proj.weight
+    assert proj.weight.grad_fn is None
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Linear(3, 3), nn.Tanh()),
+        lambda: nn.Linear(3, 3),
+        lambda: nn.LSTM(3, 3),
+        lambda: nn.GRU(3, 3),
+        lambda: nn.RNN(3, 3),
+        lambda: nn.LSTMCell(3, 3),
+        lambda: nn.GRUCell(3, 3),
+    ],
+    ids=["Sequential", "Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"],
+)
+def test_fast_params_can_be_assigned_like_higher(make) -> None:
+    model = make()
+    fmodel = monkeypatch(model)
+    start = list(fmodel.fast_params)
+    new = [p * 2 for p in start]
+    fmodel.fast_params = iter(new)  # any iterable, as in higher
+    assert all(a is b for a, b in zip(fmodel.fast_params, new, strict=True))
+    assert len(fmodel._fast_params) == 2
+    assert all(a is b for a, b in zip(fmodel.parameters(time=0), start, strict=True))
+    assert all(a is b for a, b in zip(fmodel.parameters(time=1), new, strict=True))
+    assert all(a is b for a, b in zip(fmodel.init_fast_params, start, strict=True))
+    names = [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in fmodel.named_parameters()] == names
+    assert all(p is q for (_, p), q in zip(fmodel.named_parameters(time=1), new, strict=True))
+    with pytest.raises(ValueError, match=f"expected {len(new)} fast weights"):
+        fmodel.fast_params = new[:1]
+
+
+def test_track_higher_grads_can_be_assigned() -> None:
+    fmodel = monkeypatch(nn.Sequential(nn.Linear(2, 2)))
+    assert fmodel.track_higher_grads
+    fmodel.track_higher_grads = False
+    assert fmodel.track_higher_grads is False
+    for k in range(3):
+        fmodel.fast_params = [p.detach() + k for p in fmodel.fast_params]
+    assert len(fmodel._fast_params) == 2  # only the initial and the latest weights are kept
+    with pytest.raises(AttributeError, match="whole functional model"):
+        fmodel[0].fast_params = list(fmodel.fast_params)
+    with pytest.raises(AttributeError, match="cannot set 'speed'"):
+        fmodel.speed = 1
+
+
+def test_rnn_module_keeps_its_own_flat_weights() -> None:
+    torch.manual_seed(8)
+    model = nn.LSTM(3, 4, num_layers=2).double()
+    flat = list(model._flat_weights)
+    fmodel = monkeypatch(model)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    fmodel.update_params([p * 0.5 for p in fmodel.parameters()])
+    out = fmodel(x)[0]
+    assert all(a is b for a, b in zip(model._flat_weights, flat, strict=True))
+    assert all(w.grad_fn is None for w in model._flat_weights)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(out, twin(x)[0], rtol=0, atol=0)
+
+
+def test_parametrized_modules() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(3, 4)),
+        parametrizations.spectral_norm(nn.Linear(4, 4)),
+        parametrizations.orthogonal(nn.Linear(4, 2)),
+    ).double()
+    names = [n for n, _ in model.named_parameters()]
+    assert "0.parametrizations.weight.original0" in names
+    before = snapshot(model)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    fmodel = monkeypatch(model)
+    twin = copy.deepcopy(model)
+    # Train mode: spectral norm's power iteration moves the view's own u/v, as it moves the
+    # module's in a forward pass; the module's stay where they were.
+    for _ in range(2):
+        torch.testing.assert_close(fmodel(x), twin(x), rtol=0, atol=0)
+    buffers = dict(fmodel.named_buffers())
+    u_name = "1.parametrizations.weight.0._u"
+    torch.testing.assert_close(buffers[u_name], twin[1].parametrizations.weight[0]._u)
+    assert_unchanged(model, before)
+    # Eval mode: no power iteration, the view's u/v stay.
+    fmodel.eval()
+    u = buffers[u_name].clone()
+    fmodel(x)
+    assert torch.equal(dict(fmodel.named_buffers())[u_name], u)
+    fmodel.copy_buffers_to_module()
+    assert torch.equal(model[1].parametrizations.weight[0]._u, u)
+
+
+def test_buffer_reassigned_in_forward_stays_in_the_view() -> None:
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls = self.calls + 1  # a new tensor, not an in-place update
+            return self.lin(x)
+
+    model = Counter()
+    fmodel = monkeypatch(model)
+    fmodel(torch.ones(1, 2))
+    fmodel(torch.ones(1, 2))
+    assert dict(fmodel.named_buffers())["calls"].item() == 2
+    assert model.calls.item() == 0
+
+
+def test_layout_follows_a_module_object_added_again() -> None:
+    proj = nn.Linear(3, 3)
+    model = nn.Sequential(proj, nn.Tanh())
+    monkeypatch(model)(torch.ones(1, 3))
+    model.append(proj)  # no new parameter object, but a new place for one
+    fmodel = monkeypatch(model)
+    new = [p * 2 for p in fmodel.parameters()]
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), new, strict=True):
+            p.copy_(q)
+    torch.testing.assert_close(fmodel(torch.ones(1, 3), params=new), twin(torch.ones(1, 3)))
+    assert fmodel[2].weight is new[0]
+
+
+def test_layout_cache_does_not_keep_models_alive() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2))
+    monkeypatch(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_functional_call_for_any_structure() -> None:
+    model, proj = _shared_model()
+    before = snapshot(model)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    # Given under its second name, the weight reaches both places.
+    out = functional_call(model, {"3.weight": w}, (x,))
+    h = torch.tanh(x @ w.T + proj.bias) @ model[2].weight.T + model[2].bias
+    torch.testing.assert_close(out, h @ w.T + proj.bias)
+    assert_unchanged(model, before)
+    assert model[0].weight is proj.weight and model[3].weight is proj.weight
+    with pytest.raises(KeyError, match=r"'3\.scale' is neither a parameter nor a buffer"):
+        functional_call(model, {"3.scale": w}, x)
+    # Batched over a leading dimension with vmap, as the task-vectorised unroll does.
+    ws = torch.stack([w, 2 * w])
+    outs = torch.func.vmap(lambda v: functional_call(model, {"0.weight": v}, (x,)))(ws)
+    torch.testing.assert_close(outs[1], functional_call(model, {"0.weight": 2 * w}, (x,)))
+    assert_unchanged(model, before)
+    # A None buffer: BatchNorm normalises with batch statistics and updates nothing.
+    bn = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    bn_before = snapshot(bn)
+    stats = {f"1.{n}": None for n in ("running_mean", "running_var", "num_batches_tracked")}
+    functional_call(bn, stats, (torch.randn(4, 2),))
+    assert_unchanged(bn, bn_before)
+    assert bn[1].running_mean is not None
