@@ -76,3 +76,16 @@ def test_trainable_opt_params_follow_the_parameters(dtype: torch.dtype) -> None:
     diffopt = metalight.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
     diffopt.step(fmodel(torch.ones(1, 3, dtype=dtype)).sum())
     assert metalight.optim.get_trainable_opt_params(diffopt)["lr"][0].dtype == dtype
+
+
+def test_trainable_opt_params_follow_the_parameters_device() -> None:
+    # The meta device stands in for an accelerator: no data, but a device of its own.
+    model = nn.Linear(3, 2, device="meta", dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    override = metalight.optim.get_trainable_opt_params(opt)
+    assert {t.device.type for v in override.values() for t in v} == {"meta"}
+    assert {t.dtype for v in override.values() for t in v} == {torch.float64}
+    # An explicit device wins; the dtype still follows the parameters.
+    moved = metalight.optim.get_trainable_opt_params(opt, device="cpu")
+    assert moved["lr"][0].device.type == "cpu" and moved["lr"][0].dtype == torch.float64
+    assert moved["lr"][0].item() == 0.1 and moved["momentum"][0].item() == 0.9
