@@ -512,7 +512,9 @@ class BilevelModule(L.LightningModule):
         for prefix, metrics in (("test", method), ("baseline", baseline or {})):
             for key, value in metrics.items():
                 name = {"acc": "acc_post", "acc_ci95": "acc_post_ci95", "loss": "loss_post"}
-                self.log(f"{prefix}/{name.get(key, key)}", float(value), batch_size=1)
+                self.log(
+                    f"{prefix}/{name.get(key, key)}", float(value), batch_size=1, sync_dist=True
+                )
 
     def configure_optimizers(self) -> Any:
         """The outer optimizer over the meta-parameters (and its scheduler, per step)."""
@@ -531,12 +533,10 @@ class BilevelModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Saves the inner training in progress (weights, optimizer state, age)."""
+    def _inner_entry(self) -> dict[str, Any] | None:
         if self.inner_params is None:
-            checkpoint[CHECKPOINT_KEY] = None
-            return
-        checkpoint[CHECKPOINT_KEY] = {
+            return None
+        return {
             "params": [p.detach().cpu() for p in self.inner_params],
             "state": {
                 field: [v.detach().cpu() if isinstance(v, Tensor) else v for v in column]
@@ -546,10 +546,35 @@ class BilevelModule(L.LightningModule):
             "optimizer": self.inner_opt.name,
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Saves the inner training in progress (weights, optimizer state, age).
+
+        Under DDP every process trains its own inner model on its own share of the data:
+        all of them are gathered (every process calls this hook) and saved under ``ranks``.
+        """
+        entry = self._inner_entry()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, entry)
+            checkpoint[CHECKPOINT_KEY] = {**(ranks[0] or {}), "ranks": ranks}
+            return
+        checkpoint[CHECKPOINT_KEY] = entry
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the inner training saved by :meth:`on_save_checkpoint`."""
+        """Restores the inner training saved by :meth:`on_save_checkpoint` (this process's)."""
         saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
+        ranks = saved.get("ranks") if isinstance(saved, dict) else None
+        if ranks is not None:
+            trainer = self._trainer
+            # Without a trainer (evaluating a checkpoint) the first process's model is used.
+            world = int(trainer.world_size) if trainer is not None else len(ranks)
+            if world != len(ranks):
+                raise ValueError(
+                    f"the checkpoint holds the inner training of {len(ranks)} processes, this "
+                    f"run has {world}: resume with trainer.devices={len(ranks)}"
+                )
+            saved = ranks[self.global_rank if trainer is not None else 0]
+        if not saved:
             self.inner_params, self.inner_state, self.inner_age = None, None, 0
             return
         if saved["optimizer"] != self.inner_opt.name:
