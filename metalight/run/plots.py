@@ -8,6 +8,7 @@ Figures are drawn with Matplotlib's object API on the Agg canvas, so nothing her
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from metalight.data.datamodule import SinusoidDataModule
 from metalight.data.sinusoid import SinusoidTasks
+from metalight.lightning.checkpoint_io import atomic_write
 from metalight.lightning.module import MetaLearningModule, NonFiniteError
 
 __all__ = ["plot_sinusoid_tasks", "plot_training_curves", "read_metrics"]
@@ -45,6 +47,13 @@ def read_metrics(csv_path: str | os.PathLike[str]) -> dict[str, list[tuple[int, 
                     continue
                 series.setdefault(key, []).append((step, float(text)))
     return series
+
+
+def _save_figure(fig: Figure, out: Path) -> None:
+    # Rendered in memory, then written atomically: a full disk leaves no half picture.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format=out.suffix.lstrip(".") or "png")
+    atomic_write(out, buffer.getvalue())
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -91,7 +100,7 @@ def plot_training_curves(
             va="center",
         )
         ax.set_axis_off()
-        fig.savefig(out, dpi=110)
+        _save_figure(fig, out)
         return out
     evaluation = {k: v for k, v in series.items() if k.startswith("val/") and "_ci95" not in k}
     pairs = [(k, evaluation[k]) for k in sorted(evaluation) if k != "val/episodes"]
@@ -125,7 +134,7 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     return out
 
 
@@ -234,5 +243,5 @@ def plot_sinusoid_tasks(
         ax.set_visible(False)
     fig.suptitle("Sinusoid test tasks before and after adaptation")
     out = Path(out_path)
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     return out

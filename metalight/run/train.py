@@ -40,7 +40,9 @@ from metalight.run.errors import ConfigError
 from metalight.run.held_out import skip_absent_splits
 from metalight.run.plots import plot_sinusoid_tasks, plot_training_curves
 from metalight.run.resources import created_here, make_run_dir, note_created
+from metalight.run.selection import describe_selection
 from metalight.run.summary import describe_data, format_summary
+from metalight.run.tracking import finish_trackers
 from metalight.run.validate import validate_config
 
 __all__ = [
@@ -624,7 +626,10 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
             )
         raise
     except BaseException:
-        if rank_zero_only.rank == 0:
+        # A run that never trained a step failed to start: it leaves no directory behind.
+        if rank_zero_only.rank == 0 and (
+            components is None or components.trainer.global_step == start_step
+        ):
             _remove_failed_start(run_dir)
         raise
     results = _base_results(cfg, "train", run_dir)
@@ -641,6 +646,10 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         results["baseline"] = baseline
     if skipped:
         results["skipped_splits"] = skipped
+    if (selection := describe_selection(trainer)) is not None:
+        results["selection"] = selection  # which weights were tested (callbacks=best)
+    if trackers := finish_trackers(trainer.loggers):
+        results["trackers"] = trackers
     if trainer.is_global_zero:
         # The results first, atomically: pictures are extras that must not cost them.
         csv_path = _csv_path(components)
