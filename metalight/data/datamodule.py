@@ -472,7 +472,7 @@ class OmniglotDataModule(EpisodicDataModule):
         OmniglotDataModule(root, split="alphabet", val_alphabets=[], test_alphabets=[])
 
     Example:
-        >>> dm = OmniglotDataModule("data/omniglot", download=True)  # doctest: +SKIP
+        >>> dm = OmniglotDataModule("data/omniglot")  # nothing is read before setup()
         >>> dm.transform  # what a new character image must go through
         OmniglotTransform(image_size=28, channels=1, invert=True)
     """
