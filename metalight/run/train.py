@@ -809,9 +809,16 @@ def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     results = _base_results(cfg, "eval", out_dir)
     results.update(metrics=_float_metrics(test), checkpoint_evaluated=str(ckpt_path))
     components = Components(datamodule, module, trainer)
-    _write_pictures(components, out_dir, results, None)
     atomic_write(out_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-    results["files"]["config"] = str(out_dir / CONFIG_FILE)
-    _save(out_dir, results)
-    print(format_summary(results), flush=True)
+    results["files"] = {"config": str(out_dir / CONFIG_FILE)}
+    # The results first: the picture is an extra that must not cost them.
+    try:
+        _save(out_dir, results)
+    finally:
+        print(format_summary(results), flush=True)
+    if _write_pictures(components, out_dir, results, None):
+        try:
+            _save(out_dir, results)
+        except DiskFullError as err:
+            _warn(f"{err}; results.json keeps the results without the picture's name")
     return results
