@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch import nn
 from metalight.bilevel import BilevelModule, Distill, HyperLR, Reweight, mean_ci95
 from metalight.data.digits import DigitsDataModule, NoisyDigitsDataModule, flip_labels, load_digits
 from metalight.data.task import Task, TaskBatch
+from metalight.models import MLP
 
 K, B, N = 3, 5, 30
 
@@ -225,3 +228,37 @@ def test_bad_input_gets_one_clear_line(make, error: type, message: str) -> None:
         make()
     text = str(info.value).strip("'\"")
     assert message in text and "\n" not in text
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path) -> None:
+    def run(ckpt_path: object = None) -> L.Trainer:
+        data = DigitsDataModule(
+            inner_steps=2, batch_size=4, val_batch_size=8, train_batches_per_epoch=3
+        )
+        module = HyperLR(MLP(in_features=64, hidden=[8], out_features=10), inner_steps=2)
+        trainer = L.Trainer(
+            max_steps=2 if ckpt_path else 1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    run().save_checkpoint(tmp_path / "one.ckpt")
+    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    entry = checkpoint["bilevel_inner"]
+    assert entry["age"] == 1
+    # As a two-process run saves it: each process's inner training under "ranks".
+    checkpoint["bilevel_inner"] = {**entry, "ranks": [entry, entry]}
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    message = (
+        "holds the inner training of 2 processes, this run has 1: resume with trainer.devices=2"
+    )
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "two.ckpt")
