@@ -689,6 +689,9 @@ class CliCase:
     args: list[str]  # after `metalight train`; "{data}" is a folder of class folders
     match: str
     tiny: bool = True  # with the small budgets of TINY (data options without them: False)
+    # Starts processes if it is not refused: checked through validate_config first, since
+    # Lightning would start them by re-running the command line, here pytest's.
+    starts_processes: bool = False
 
 
 TINY = [
@@ -727,6 +730,7 @@ CLI_CASES = [
         "devices-with-strategy-auto-not-dividing-the-meta-batch",
         ["trainer.devices=2", "data.meta_batch_size=3"],
         r"data\.meta_batch_size \(3\) must be divisible by trainer\.devices \(2\)",
+        starts_processes=True,
     ),
     CliCase(
         "devices-over-nodes-not-dividing-the-test-episodes",
@@ -738,6 +742,7 @@ CLI_CASES = [
         ],
         r"data\.test_episodes \(2\) must be divisible by the number of processes "
         r"\(trainer\.devices x trainer\.num_nodes = 4\)",
+        starts_processes=True,
     ),
     CliCase(
         "accumulate-grad-batches-zero",
@@ -844,6 +849,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("case", CLI_CASES, ids=[case.id for case in CLI_CASES])
 def test_bad_config_value_is_refused_at_start_up(
     case: CliCase,
+    compose_with: Callable[[list[str]], Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -863,7 +869,13 @@ def test_bad_config_value_is_refused_at_start_up(
     if any(a.startswith("paths.output_dir=") for a in args):
         output = ""
     tiny = TINY if case.tiny else []
-    code = main(["train", *tiny, "logger=none", *([output] if output else []), *args])
+    argv = ["train", *tiny, "logger=none", *([output] if output else []), *args]
+    if case.starts_processes:
+        from metalight.run import ConfigError, validate_config
+
+        with pytest.raises(ConfigError, match=case.match):
+            validate_config(compose_with(argv[1:]))
+    code = main(argv)
     out, err = capsys.readouterr()
     assert code == 2, f"exit status {code}\n{out}\n{err}"
     lines = err.strip().splitlines()
