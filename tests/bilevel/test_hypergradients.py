@@ -35,14 +35,29 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(N_IN, 5), nn.Tanh(), nn.Linear(5, N_OUT)).double()
 
 
+class LearnedLoss(BilevelModule):
+    """A user's own kind: a small network adds a learned term to the inner loss."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.loss_net = nn.Sequential(nn.Linear(N_OUT, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def inner_loss(self, params: list[Tensor], batch: InnerBatch, step: int) -> Tensor:
+        logits = self.predict(params, batch.x)
+        learned = nn.functional.softplus(self.loss_net(logits.softmax(-1))).mean()
+        return nn.functional.cross_entropy(logits, batch.y) + learned
+
+
 def _make(kind: str, optimizer: str, **kwargs: Any) -> BilevelModule:
     common: dict[str, Any] = {"inner_optim": OPTIMIZERS[optimizer], "inner_steps": K, **kwargs}
     if kind == "hyper":
         module: BilevelModule = HyperLR(_model(), schedule=2, **common)
     elif kind == "reweight":
         module = Reweight(_model(), num_train=N_TRAIN, **common)
-    else:
+    elif kind == "distill":
         module = Distill(_model(), num_classes=N_OUT, per_class=2, input_shape=[N_IN], **common)
+    else:
+        module = LearnedLoss(_model(), **common)
     module.double()
     with torch.no_grad():
         # Away from the starting values, so that every term of the hypergradient matters.
@@ -89,7 +104,7 @@ def _meta(module: BilevelModule) -> tuple[Tensor, ...]:
     return tuple(p.detach().clone().requires_grad_(True) for _, p in module.named_meta_parameters())
 
 
-KINDS = ["hyper", "reweight", "distill"]
+KINDS = ["hyper", "reweight", "distill", "learned_loss"]
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
