@@ -32,6 +32,7 @@ from torch import Tensor, nn
 __all__ = ["FunctionalModule", "functional_call", "make_functional", "monkeypatch"]
 
 _OWN_ATTRS = frozenset({"_root", "_prefix"})
+_MISSING = object()
 
 
 class _Slot:
@@ -114,7 +115,10 @@ class _Layout:
             self.buffer_aliases[name] = index
 
         self.slots: list[_Slot] = []
-        self.rnns: list[weakref.ReferenceType[nn.RNNBase]] = []
+        # Plain attributes a forward pass may point at fast weights, put back after each call:
+        # an RNN's cached weight list, and tensors kept outside _parameters/_buffers (the
+        # deprecated torch.nn.utils.weight_norm recomputes ``weight`` in a pre-hook).
+        self.attrs: list[tuple[weakref.ReferenceType[nn.Module], tuple[str, ...]]] = []
         seen: set[int] = set()
         for _, sub in module.named_modules(remove_duplicate=False):
             if id(sub) in seen:
@@ -126,8 +130,11 @@ class _Layout:
             for name, t in sub._buffers.items():
                 if t is not None:
                     self.slots.append(_Slot(sub, name, False, buffer_index[id(t)]))
+            names = [n for n, v in vars(sub).items() if isinstance(v, Tensor)]
             if isinstance(sub, nn.RNNBase):
-                self.rnns.append(weakref.ref(sub))
+                names += ["_flat_weights", "_flat_weight_refs"]
+            if names:
+                self.attrs.append((weakref.ref(sub), tuple(names)))
         self.views: dict[str, dict[str, int]] = {}
 
 
@@ -162,23 +169,23 @@ def _swapped(layout: _Layout, params: Sequence[Tensor], buffers: list[Tensor]) -
     place) is kept in ``buffers``, as ``functional_call`` does.
     """
     saved: list[tuple[dict[str, Any], str, Any]] = []
-    rnns: list[tuple[nn.RNNBase, Any, Any]] = []
+    attrs: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for slot in layout.slots:
             module = slot.module()
-            if module is None:  # pragma: no cover - the layout outlived a submodule
+            if module is None:
                 raise RuntimeError("a submodule of the functional view's module was deleted")
             table = module._parameters if slot.is_param else module._buffers
             value = params[slot.index] if slot.is_param else buffers[slot.index]
             saved.append((table, slot.name, table[slot.name]))
             table[slot.name] = value
-        # RNN modules run from a cached list of their weights, which their forward rebuilds
-        # when it sees new tensors (as under functional_call); the module gets its own list
-        # back afterwards, so it holds no fast weight once the call is over.
-        for ref in layout.rnns:
-            rnn = ref()
-            if rnn is not None:
-                rnns.append((rnn, rnn.__dict__.get("_flat_weights"), rnn._flat_weight_refs))
+        # An RNN's forward rebuilds its cached weight list when it sees new tensors (as under
+        # functional_call); the module gets its own list back, holding no fast weight.
+        for ref, names in layout.attrs:
+            sub = ref()
+            if sub is not None:
+                own = vars(sub)
+                attrs.extend((own, name, own.get(name, _MISSING)) for name in names)
         yield
     finally:
         for (table, name, original), slot in zip(
@@ -189,9 +196,11 @@ def _swapped(layout: _Layout, params: Sequence[Tensor], buffers: list[Tensor]) -
                 if current is not buffers[slot.index] and current is not None:
                     buffers[slot.index] = current
             table[name] = original
-        for rnn, flat, refs in reversed(rnns):
-            rnn.__dict__["_flat_weights"] = flat
-            rnn.__dict__["_flat_weight_refs"] = refs
+        for own, name, value in reversed(attrs):
+            if value is _MISSING:
+                own.pop(name, None)
+            else:
+                own[name] = value
 
 
 class _Root:

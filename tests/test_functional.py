@@ -486,3 +486,19 @@ def test_functional_call_for_any_structure() -> None:
     functional_call(bn, stats, (torch.randn(4, 2),))
     assert_unchanged(bn, bn_before)
     assert bn[1].running_mean is not None
+
+
+def test_hook_computed_weight_is_put_back() -> None:
+    # The deprecated weight_norm recomputes a plain ``weight`` attribute in a pre-hook: after
+    # a view call it must not hold a tensor computed from fast weights.
+    with pytest.warns(FutureWarning):
+        layer = nn.utils.weight_norm(nn.Linear(3, 2).double())
+    model = nn.Sequential(layer)
+    weight = layer.weight
+    fmodel = monkeypatch(model)
+    new = [p * 2 for p in fmodel.parameters()]
+    out = fmodel(torch.ones(1, 3, dtype=torch.float64), params=new)
+    assert layer.weight is weight
+    bias, g, v = new  # named_parameters(): bias, weight_g, weight_v
+    expected = g * v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, torch.ones(1, 3, dtype=torch.float64) @ expected.T + bias)
