@@ -24,15 +24,22 @@ How the inner gradient is taken, and why BatchNorm is exact:
     loop updates them only in per-task copies that it throws away (they never reach the model
     nor influence a training-mode forward), so the meta-loss is the same.
 
-Supported: :class:`MetaLearningModule` with its default unroll (MAML, FOMAML, Meta-SGD, MAML++'s
-learnable per-step rates and multi-step loss, truncated unrolls), any built-in inner optimizer
-(SGD, Adam, ...: their pure updates are element-wise, so a task dimension passes through), and
-any model whose forward ``vmap`` can batch. Refused with a ``ValueError``: subclasses that
-override ``adapt``, ``adapt_task``, ``unroll`` or ``task_meta_gradient`` (iMAML; ANIL and
-Reptile declare that the vectorised step reproduces theirs: ANIL's head-only adaptation is
-the default unroll with ``adapt=[head]``, and Reptile's meta-gradient is taken from all
-tasks' adapted weights at once), custom differentiable optimizers without a pure core,
-gradient callbacks, ``checkpoint_unroll`` and ``SyncBatchNorm`` in training mode.
+The engine, :func:`vectorized_unroll`, takes its ingredients as arguments (the model, a
+factory of the differentiable inner optimizer, the meta-batch, the inner and outer losses, the
+step count and the unroll policy, ...) and knows nothing of Lightning. A
+:class:`~metalight.lightning.MetaLearningModule` passes its own (its
+``vectorized_adaptation``); :func:`check_vectorizable`, :func:`vectorized_task_losses` and
+:func:`vectorized_meta_loss` are shorthands that ask a module to do so.
+
+Supported: the default unroll of :class:`~metalight.lightning.MetaLearningModule` (MAML,
+FOMAML, Meta-SGD, MAML++'s learnable per-step rates and multi-step loss, truncated unrolls;
+ANIL and Reptile declare that the vectorised step reproduces theirs), any built-in inner
+optimizer (SGD, Adam, ...: their pure updates are element-wise, so a task dimension passes
+through), and any model whose forward ``vmap`` can batch. Refused with a ``ValueError``:
+algorithms with their own adaptation or meta-gradient (iMAML), custom differentiable
+optimizers without a pure core, gradient callbacks, ``checkpoint_unroll``, ``SyncBatchNorm``
+in training mode, and layers vmap cannot batch (recurrent layers and cells, spectral norm);
+``vectorize_tasks="auto"`` then trains with the loop.
 
 Example:
     >>> import functools, torch
@@ -51,47 +58,113 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
 from metalight.data.task import Task, TaskBatch
-from metalight.functional import functional_call, monkeypatch
-from metalight.optim.differentiable import FunctionalCoreOptimizer
-
-if TYPE_CHECKING:
-    from metalight.lightning.module import MetaLearningModule
+from metalight.functional import FunctionalModule, functional_call, monkeypatch
+from metalight.optim.differentiable import DifferentiableOptimizer, FunctionalCoreOptimizer
+from metalight.optim.unroll import Override, UnrollPolicy
 
 __all__ = [
+    "VectorizableModule",
     "VectorizedUnroll",
     "check_vectorizable",
+    "check_vectorizable_model",
     "vectorized_meta_loss",
     "vectorized_task_losses",
     "vectorized_unroll",
 ]
 
-# The hooks whose default implementation this module re-implements in vectorised form.
-_LOOP_HOOKS = ("adapt", "adapt_task", "unroll", "task_meta_gradient")
+LossFunction = Callable[[Tensor, Tensor, Task], Tensor]
+"""``loss(output, target, task)``, as ``MetaLearningModule.inner_loss``/``outer_loss``."""
 
 
-def check_vectorizable(module: MetaLearningModule) -> None:
-    """Raise a ``ValueError`` naming what keeps ``module`` from task-vectorised adaptation.
+class VectorizableModule(Protocol):
+    """What the shorthands need of a module (a ``MetaLearningModule`` has it)."""
 
-    Checks what can be known without data: the module uses the default unroll, the unroll
-    policy does not checkpoint, and no ``SyncBatchNorm`` is in training mode. The inner
-    optimizer is checked when the loss is computed.
+    def check_vectorizable(self) -> None: ...
+
+    def vectorized_task_losses(self, batch: TaskBatch) -> Tensor: ...
+
+
+class VectorizedUnroll(NamedTuple):
+    """What :func:`vectorized_unroll` returns for a meta-batch of ``B`` tasks."""
+
+    losses: Tensor
+    """``[B]``: each task's query loss (with ``multi_step_loss``, its mean over the steps)."""
+    fast_params: list[Tensor]
+    """The final fast weights in ``named_parameters()`` order: adapted ones with a leading
+    task dimension, the others the parameters themselves."""
+    accuracy: Tensor | None
+    """``[B]``: each task's query accuracy after adaptation (detached); None for regression."""
+
+
+def check_vectorizable_model(model: nn.Module, policy: UnrollPolicy) -> None:
+    """Raise a ``ValueError`` naming what keeps ``model`` and ``policy`` from vectorising.
 
     Args:
-        module: the meta-learning module.
+        model: the network.
+        policy: the unroll policy.
 
     Raises:
-        ValueError: if ``module`` overrides ``adapt``, ``adapt_task``, ``unroll`` or
-            ``task_meta_gradient``,
-            uses ``checkpoint_unroll=True``, or its model holds a ``SyncBatchNorm`` in
-            training mode.
+        ValueError: for a checkpointed unroll (``policy.checkpoint``), a ``SyncBatchNorm``
+            in training mode, and layers vmap cannot batch (recurrent layers and cells,
+            spectral norm).
+
+    Example:
+        >>> from metalight.models import MLP
+        >>> from metalight.unroll import UnrollPolicy
+        >>> check_vectorizable_model(MLP(), UnrollPolicy())
+        >>> check_vectorizable_model(MLP(), UnrollPolicy(checkpoint=True))
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint_unroll=True cannot be task-vectorised ...
+    """
+    if policy.checkpoint:
+        raise ValueError(
+            "checkpoint_unroll=True cannot be task-vectorised (the vectorised unroll keeps "
+            "every step's activations for all tasks at once); use the per-task loop"
+        )
+    for name, sub in model.named_modules():
+        where = name or type(model).__name__
+        if isinstance(sub, nn.SyncBatchNorm) and sub.training:
+            raise ValueError(
+                f"{where} is a SyncBatchNorm in training mode: "
+                "its statistics are synchronised across processes per call, which cannot run "
+                "under vmap; convert it to BatchNorm or use the per-task loop"
+            )
+        if isinstance(sub, (nn.RNNBase, nn.RNNCellBase)) or _has_spectral_norm(sub):
+            kind = type(sub).__name__ if not _has_spectral_norm(sub) else "spectral_norm"
+            raise ValueError(
+                f"{where} ({kind}) cannot be task-vectorised: vmap has no batching rule for it "
+                "(or only torch's slow per-task fallback); use the per-task loop"
+            )
+
+
+def _has_spectral_norm(module: nn.Module) -> bool:
+    # Both spectral norms run a power iteration whose in-place buffer updates vmap cannot
+    # batch: the parametrization and the older forward pre-hook.
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.ModuleDict):
+        for chain in parametrizations.values():
+            if any(type(p).__name__ == "_SpectralNorm" for p in chain):
+                return True
+    hooks = getattr(module, "_forward_pre_hooks", {})
+    return any(type(h).__name__ == "SpectralNorm" for h in hooks.values())
+
+
+def check_vectorizable(module: VectorizableModule) -> None:
+    """Raise a ``ValueError`` naming what keeps ``module`` from task-vectorised adaptation.
+
+    Shorthand for ``module.check_vectorizable()``: the module uses the default unroll (or
+    declares that the vectorised step reproduces its own), and
+    :func:`check_vectorizable_model` passes. The inner optimizer is checked when the loss is
+    computed.
 
     Example:
         >>> from metalight.algorithms import ANIL, IMAML, MAML
@@ -103,38 +176,7 @@ def check_vectorizable(module: MetaLearningModule) -> None:
         ...
         ValueError: IMAML overrides task_meta_gradient(): task-vectorised adaptation ...
     """
-    from metalight.lightning.module import MetaLearningModule
-
-    cls = type(module)
-    # A class may declare hooks it overrides whose result the vectorised step reproduces
-    # (ANIL's adapt runs the body once; the vectorised step runs it per step). The exemption
-    # holds for that class's own implementation only, not for a subclass that overrides again.
-    declarer = next((c for c in cls.__mro__ if "_vectorizes_as_default" in vars(c)), None)
-    exempt = {
-        hook: getattr(declarer, hook) for hook in getattr(declarer, "_vectorizes_as_default", ())
-    }
-    for hook in _LOOP_HOOKS:
-        implementation = getattr(cls, hook)
-        if implementation is exempt.get(hook):
-            continue
-        if implementation is not getattr(MetaLearningModule, hook):
-            raise ValueError(
-                f"{cls.__name__} overrides {hook}(): task-vectorised adaptation re-implements "
-                "MetaLearningModule's default inner loop only, so it would not compute this "
-                "algorithm's meta-gradient; use the per-task loop (training_step)"
-            )
-    if module.policy.checkpoint:
-        raise ValueError(
-            "checkpoint_unroll=True cannot be task-vectorised (the vectorised unroll keeps "
-            "every step's activations for all tasks at once); use the per-task loop"
-        )
-    for name, sub in module.model.named_modules():
-        if isinstance(sub, nn.SyncBatchNorm) and sub.training:
-            raise ValueError(
-                f"{name or type(module.model).__name__} is a SyncBatchNorm in training mode: "
-                "its statistics are synchronised across processes per call, which cannot run "
-                "under vmap; convert it to BatchNorm or use the per-task loop"
-            )
+    module.check_vectorizable()
 
 
 def _check_optimizer(diffopt: object) -> FunctionalCoreOptimizer:
@@ -143,7 +185,7 @@ def _check_optimizer(diffopt: object) -> FunctionalCoreOptimizer:
             f"task-vectorised adaptation needs a built-in differentiable optimizer with a pure "
             f"functional core; {type(diffopt).__name__} updates in place. Use the per-task loop"
         )
-    if diffopt._grad_callback is not None:
+    if diffopt.grad_callback is not None:
         raise ValueError(
             f"{type(diffopt).__name__} has a grad_callback: it would see the gradients of all "
             "tasks at once (a task-batched tensor per parameter), which changes what e.g. "
@@ -169,21 +211,182 @@ def _running_stat_overrides(model: nn.Module) -> dict[str, Tensor | None]:
     return overrides
 
 
-def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tensor:
-    """Each task's query loss after ``module.inner_steps`` vectorised inner steps.
+def vectorized_unroll(
+    model: nn.Module,
+    make_optimizer: Callable[[FunctionalModule], DifferentiableOptimizer],
+    batch: TaskBatch,
+    inner_loss: LossFunction,
+    outer_loss: LossFunction,
+    steps: int,
+    policy: UnrollPolicy,
+    *,
+    adapted: Sequence[str] | None = None,
+    override: Callable[[int], Override | None] | None = None,
+    multi_step_loss: bool = False,
+    forward: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None,
+    classification: bool = False,
+    check_finite: bool = True,
+    nonfinite_error: Callable[[str], Exception] = FloatingPointError,
+    graph: bool = True,
+) -> VectorizedUnroll:
+    """Adapt to every task of ``batch`` at once: query losses, accuracies, fast weights.
 
-    The computation follows :meth:`MetaLearningModule.task_meta_gradient
-    <metalight.lightning.MetaLearningModule.task_meta_gradient>` for every task of ``batch``
-    at once: the module's inner optimizer (through its pure functional core), its
-    ``inner_loss`` and ``outer_loss`` (called under ``vmap`` with one task's tensors and that
-    :class:`~metalight.data.Task`), its learnable inner rates (``inner_override``), its unroll
-    policy (``first_order``, ``truncate``) and ``multi_step_loss``. The losses stay
-    differentiable (second order unless the policy says otherwise) with respect to the
-    meta-parameters.
+    Per task, this is the per-task loop's computation: ``steps`` steps of the inner
+    optimizer on ``inner_loss`` over the support set, then ``outer_loss`` on the query set.
 
     Args:
-        module: the meta-learning module (its default unroll; see :func:`check_vectorizable`).
-        batch: the meta-batch.
+        model: the network (its parameters are the meta-parameters).
+        make_optimizer: builds the differentiable inner optimizer over a functional view of
+            ``model`` (a built-in one with a pure functional core).
+        batch: the meta-batch (at least one task).
+        inner_loss: ``inner_loss(output, support_y, task)``, called under ``vmap`` with one
+            task's tensors.
+        outer_loss: ``outer_loss(output, query_y, task)``, likewise.
+        steps: inner steps.
+        policy: the unroll policy (``first_order``, ``truncate``; not ``checkpoint``).
+        adapted: names of the adapted parameters (default: every trainable one).
+        override: hyperparameters of inner step ``k`` (learnable inner rates), or None.
+        multi_step_loss: average the query loss after every step (MAML++).
+        forward: ``forward(values, x)``, the model's output with ``values`` (names of
+            ``named_parameters()`` and buffers) replacing its tensors; default
+            ``functional_call(model, values, (x,))``.
+        classification: also return each task's query accuracy.
+        check_finite: raise on a NaN or Inf inner or query loss, naming tasks and step.
+        nonfinite_error: the exception type raised then.
+        graph: ``True``: the losses are differentiable w.r.t. the meta-parameters (per the
+            policy). ``False``: plain gradient steps with no graph kept (Reptile's
+            adaptation); the losses and weights are detached.
+
+    Returns:
+        The :class:`VectorizedUnroll`.
+
+    Raises:
+        ValueError: an empty meta-batch, or what cannot be vectorised exactly.
+
+    Example:
+        >>> import functools, torch
+        >>> import torch.nn.functional as F
+        >>> from metalight.data import TaskBatch
+        >>> from metalight.models import MLP
+        >>> from metalight.optim import get_diff_optim
+        >>> from metalight.unroll import UnrollPolicy
+        >>> model = MLP(1, (8,), 3)
+        >>> inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> def make(fmodel):
+        ...     return get_diff_optim(inner, model.parameters(), fmodel=fmodel)
+        >>> def loss(output, target, task):
+        ...     return F.cross_entropy(output, target)
+        >>> x, y = torch.randn(2, 6, 1), torch.arange(3).repeat(2).expand(2, 6)
+        >>> unrolled = vectorized_unroll(model, make, TaskBatch(x, y, x, y, y), loss, loss, 2,
+        ...                              UnrollPolicy(), classification=True)
+        >>> unrolled.losses.shape, unrolled.accuracy.shape
+        (torch.Size([2]), torch.Size([2]))
+    """
+    check_vectorizable_model(model, policy)
+    if len(batch) == 0:
+        raise ValueError(
+            "the meta-batch holds no tasks: a meta-step needs at least one; check the data "
+            "module's meta_batch_size (and, under DDP, that it is at least the number of "
+            "processes)"
+        )
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    tasks = len(batch)
+    fmodel = monkeypatch(model, detach_initial_weights=False, track_higher_grads=True)
+    diffopt = _check_optimizer(make_optimizer(fmodel))
+
+    adapted_names = set(names if adapted is None else adapted)
+    chosen = [i for i, (n, p) in enumerate(named) if n in adapted_names and p.requires_grad]
+    # Fast weights in named_parameters() order: adapted ones get a leading task dimension
+    # (a view of the meta-parameter, so the meta-gradient sums over tasks), the others stay
+    # shared (unbatched under vmap).
+    params: list[Tensor] = [p for _, p in named]
+    for i in chosen:
+        start = params[i] if graph else params[i].detach()
+        params[i] = start.expand(tasks, *params[i].shape)
+    fixed = _running_stat_overrides(model)
+    if forward is None:
+
+        def forward(values: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(model, values, (x,))
+
+    def run(loss_of: Callable[[Tensor, Task], Tensor], query: bool) -> Callable[..., Tensor]:
+        def per_task(
+            batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
+        ) -> Tensor:
+            task = Task(sx, sy, qx, qy, info)
+            output = forward({**batched, **fixed}, qx if query else sx)
+            return loss_of(output, task)
+
+        return vmap(per_task, randomness="different")
+
+    def query_loss_and_accuracy(
+        batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        task = Task(sx, sy, qx, qy, info)
+        output = forward({**batched, **fixed}, qx)
+        hits = (output.detach().argmax(-1) == qy).float().mean()
+        return outer_loss(output, qy, task), hits
+
+    support_losses = run(lambda out, t: inner_loss(out, t.support_y, t), query=False)
+    query_losses = run(lambda out, t: outer_loss(out, t.query_y, t), query=True)
+    final_query = vmap(query_loss_and_accuracy, randomness="different")
+    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, batch.info)
+
+    def batched(current: list[Tensor]) -> dict[str, Tensor]:
+        return {names[i]: current[i] for i in chosen}
+
+    def guard(losses: Tensor, where: str) -> None:
+        if check_finite and not bool(torch.isfinite(losses.detach()).all()):
+            bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+            raise nonfinite_error(f"non-finite {where} in task(s) {bad} of the meta-batch")
+
+    states = diffopt.group_states(params)
+    step_losses: list[Tensor] = []
+    for step in range(steps):
+        hyper = None if override is None else override(step)
+        if hyper is not None:
+            diffopt.apply_override(hyper)
+        if not graph:
+            for i in chosen:
+                params[i] = params[i].detach().requires_grad_()
+        losses = support_losses(batched(params), *fields)
+        guard(losses, f"inner loss at inner step {step}")
+        first_order = not graph or policy.first_order_at(step, steps)
+        found = torch.autograd.grad(
+            losses.sum(),
+            [params[i] for i in chosen],
+            create_graph=not first_order,
+            allow_unused=True,
+        )
+        grads: list[Tensor | None] = [None] * len(params)
+        for i, g in zip(chosen, found, strict=True):
+            grads[i] = g
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            params, states = diffopt.update_groups(grads, params, states, diffopt.hyperparameters())
+        if multi_step_loss and step + 1 < steps:
+            step_losses.append(query_losses(batched(params), *fields))
+    hits: Tensor | None = None
+    with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+        if classification:
+            final, hits = final_query(batched(params), *fields)
+        else:
+            final = query_losses(batched(params), *fields)
+    guard(final, f"query loss after {steps} inner steps")
+    if step_losses:
+        final = torch.stack([*step_losses, final]).mean(0)
+    if not graph:
+        params = [p.detach() for p in params]
+    return VectorizedUnroll(final, params, None if hits is None else hits.detach())
+
+
+def vectorized_task_losses(module: VectorizableModule, batch: TaskBatch) -> Tensor:
+    """Each task's query loss after the module's inner steps, all tasks at once.
+
+    Shorthand for ``module.vectorized_task_losses(batch)``: :func:`vectorized_unroll` with the
+    module's ingredients (its inner optimizer, ``inner_loss`` and ``outer_loss``, learnable
+    inner rates, unroll policy and ``multi_step_loss``). The losses stay differentiable
+    (second order unless the policy says otherwise) with respect to the meta-parameters.
 
     Returns:
         A tensor of shape ``[B]``: the query loss of each task (with ``multi_step_loss``, the
@@ -208,165 +411,10 @@ def vectorized_task_losses(module: MetaLearningModule, batch: TaskBatch) -> Tens
         >>> vectorized_task_losses(module, TaskBatch(x, x, x, x, torch.zeros(3, 2))).shape
         torch.Size([3])
     """
-    if type(module)._vectorized_meta_gradient is not _default_meta_gradient():
-        raise ValueError(
-            f"{type(module).__name__}'s meta-gradient is not the gradient of its query losses "
-            "(it defines its own vectorised meta-gradient): use its training_step"
-        )
-    return vectorized_unroll(module, batch, graph=True).losses
+    return module.vectorized_task_losses(batch)
 
 
-def _default_meta_gradient() -> Callable[..., object]:
-    from metalight.lightning.module import MetaLearningModule
-
-    return MetaLearningModule._vectorized_meta_gradient
-
-
-class VectorizedUnroll(NamedTuple):
-    """What :func:`vectorized_unroll` returns for a meta-batch of ``B`` tasks."""
-
-    losses: Tensor
-    """``[B]``: each task's query loss (with ``multi_step_loss``, its mean over the steps)."""
-    fast_params: list[Tensor]
-    """The final fast weights in ``named_parameters()`` order: adapted ones with a leading
-    task dimension, the others the parameters themselves."""
-    accuracy: Tensor | None
-    """``[B]``: each task's query accuracy after adaptation (detached); None for regression."""
-
-
-def vectorized_unroll(
-    module: MetaLearningModule, batch: TaskBatch, *, graph: bool
-) -> VectorizedUnroll:
-    """Each task's query loss and accuracy and the final fast weights, all tasks at once.
-
-    ``graph=True``: the losses are differentiable w.r.t. the meta-parameters (per the unroll
-    policy). ``graph=False``: plain gradient steps with no graph kept (Reptile's adaptation);
-    the losses and weights are detached.
-
-    Args:
-        module: the meta-learning module (its default unroll; see :func:`check_vectorizable`).
-        batch: the meta-batch.
-        graph: keep the graph for the meta-gradient.
-
-    Returns:
-        The :class:`VectorizedUnroll`.
-
-    Example:
-        >>> import functools, torch
-        >>> from metalight.data import TaskBatch
-        >>> from metalight.lightning import MetaLearningModule
-        >>> from metalight.models import MLP
-        >>> module = MetaLearningModule(MLP(1, (8,), 3), inner_steps=1)
-        >>> x, y = torch.randn(2, 6, 1), torch.arange(3).repeat(2).expand(2, 6)
-        >>> unrolled = vectorized_unroll(module, TaskBatch(x, y, x, y, y), graph=False)
-        >>> unrolled.losses.shape, unrolled.accuracy.shape
-        (torch.Size([2]), torch.Size([2]))
-    """
-    check_vectorizable(module)
-    if len(batch) == 0:
-        from metalight.lightning.module import _empty_batch_message
-
-        raise ValueError(_empty_batch_message(None))
-    model = module.model
-    named = list(model.named_parameters())
-    names = [n for n, _ in named]
-    tasks = len(batch)
-    steps = module.inner_steps
-    fmodel = monkeypatch(model, detach_initial_weights=False, track_higher_grads=True)
-    diffopt = _check_optimizer(module.make_inner_optimizer(fmodel, True))
-
-    adapted_names = set(module.adaptable_parameters())
-    adapted = [i for i, (n, p) in enumerate(named) if n in adapted_names and p.requires_grad]
-    # Fast weights in named_parameters() order: adapted ones get a leading task dimension
-    # (a view of the meta-parameter, so the meta-gradient sums over tasks), the others stay
-    # shared (unbatched under vmap).
-    params: list[Tensor] = [p for _, p in named]
-    for i in adapted:
-        start = params[i] if graph else params[i].detach()
-        params[i] = start.expand(tasks, *params[i].shape)
-    fixed = _running_stat_overrides(model)
-    forward = getattr(module, "_vectorized_forward", None)
-    if forward is None:
-
-        def forward(values: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(model, values, (x,))
-
-    classification = module.is_classification(batch.query_y)
-
-    def run(loss_of: Callable[[Tensor, Task], Tensor], query: bool) -> Callable[..., Tensor]:
-        def per_task(
-            batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
-        ) -> Tensor:
-            task = Task(sx, sy, qx, qy, info)
-            output = forward({**batched, **fixed}, qx if query else sx)
-            return loss_of(output, task)
-
-        return vmap(per_task, randomness="different")
-
-    def query_loss_and_accuracy(
-        batched: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, info: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        task = Task(sx, sy, qx, qy, info)
-        output = forward({**batched, **fixed}, qx)
-        hits = (output.detach().argmax(-1) == qy).float().mean()
-        return module.outer_loss(output, qy, task), hits
-
-    support_losses = run(lambda out, t: module.inner_loss(out, t.support_y, t), query=False)
-    query_losses = run(lambda out, t: module.outer_loss(out, t.query_y, t), query=True)
-    final_query = vmap(query_loss_and_accuracy, randomness="different")
-    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, batch.info)
-
-    def batched(current: list[Tensor]) -> dict[str, Tensor]:
-        return {names[i]: current[i] for i in adapted}
-
-    check = module.nan_policy != "off"
-
-    def guard(losses: Tensor, where: str) -> None:
-        if check and not bool(torch.isfinite(losses.detach()).all()):
-            bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-            from metalight.lightning.module import NonFiniteError
-
-            raise NonFiniteError(f"non-finite {where} in task(s) {bad} of the meta-batch")
-
-    states = diffopt.group_states(params)
-    step_losses: list[Tensor] = []
-    for step in range(steps):
-        override = module.inner_override(step)
-        if override is not None:
-            diffopt._apply_override(override)
-        if not graph:
-            for i in adapted:
-                params[i] = params[i].detach().requires_grad_()
-        losses = support_losses(batched(params), *fields)
-        guard(losses, f"inner loss at inner step {step}")
-        first_order = not graph or module.policy.first_order_at(step, steps)
-        found = torch.autograd.grad(
-            losses.sum(),
-            [params[i] for i in adapted],
-            create_graph=not first_order,
-            allow_unused=True,
-        )
-        grads: list[Tensor | None] = [None] * len(params)
-        for i, g in zip(adapted, found, strict=True):
-            grads[i] = g
-        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-            params, states = diffopt.update_groups(grads, params, states, diffopt.hyperparameters())
-        if module.multi_step_loss and step + 1 < steps:
-            step_losses.append(query_losses(batched(params), *fields))
-    with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-        if classification:
-            final, hits = final_query(batched(params), *fields)
-        else:
-            final, hits = query_losses(batched(params), *fields), None
-    guard(final, f"query loss after {steps} inner steps")
-    if step_losses:
-        final = torch.stack([*step_losses, final]).mean(0)
-    if not graph:
-        params = [p.detach() for p in params]
-    return VectorizedUnroll(final, params, None if hits is None else hits.detach())
-
-
-def vectorized_meta_loss(module: MetaLearningModule, batch: TaskBatch) -> Tensor:
+def vectorized_meta_loss(module: VectorizableModule, batch: TaskBatch) -> Tensor:
     """The meta-loss of ``batch``, the mean query loss over its tasks, computed task-vectorised.
 
     Its gradient with respect to ``module.meta_parameters()`` is the meta-gradient that

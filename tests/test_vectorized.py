@@ -335,13 +335,41 @@ def test_refuses_algorithms_with_their_own_unroll(
 
 def test_anils_exemption_does_not_cover_a_subclass_with_its_own_adapt() -> None:
     class MyANIL(ANIL):
+        def adapt_task(self, *args: Any, **kwargs: Any) -> Any:
+            return super().adapt_task(*args, **kwargs)
+
+    class OldStyle(MetaLearningModule):  # the public entry point, overridden
         def adapt(self, *args: Any, **kwargs: Any) -> Any:
             return super().adapt(*args, **kwargs)
 
     check_vectorizable(ANIL(mlp()))
-    with pytest.raises(ValueError, match=r"MyANIL overrides adapt\(\)"):
+    assert ANIL._overridden_loop_hooks == () and MyANIL._overridden_loop_hooks == ("adapt_task",)
+    with pytest.raises(ValueError, match=r"MyANIL overrides adapt_task\(\)"):
         check_vectorizable(MyANIL(mlp()))
     assert not MyANIL(mlp())._use_vectorized()
+    with pytest.raises(ValueError, match=r"OldStyle overrides adapt\(\)"):
+        check_vectorizable(OldStyle(mlp()))
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (lambda: nn.LSTM(1, 4, batch_first=True), r"0 \(LSTM\) cannot be task-vectorised"),
+        (lambda: nn.GRUCell(1, 4), r"0 \(GRUCell\) cannot be task-vectorised"),
+        (
+            lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(1, 4)),
+            r"0 \(spectral_norm\) cannot be task-vectorised",
+        ),
+        (lambda: nn.utils.spectral_norm(nn.Linear(1, 4)), r"0 \(spectral_norm\)"),
+    ],
+    ids=["lstm", "gru-cell", "spectral-norm", "spectral-norm-hook"],
+)
+def test_refuses_layers_vmap_cannot_batch(layer: Callable[[], nn.Module], message: str) -> None:
+    model = nn.Sequential(layer(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=message):
+        MetaLearningModule(model, vectorize_tasks=True)
+    # "auto" trains such a model with the loop instead of crashing in vmap.
+    assert not MetaLearningModule(model)._use_vectorized()
 
 
 def test_refuses_checkpointed_unrolls() -> None:

@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metalight.data.task import Task
-from metalight.functional import monkeypatch
+from metalight.functional import functional_call, monkeypatch
 from metalight.lightning.module import Adaptation, MetaLearningModule, StepCallback
 from metalight.optim.registry import get_diff_optim
 
@@ -39,7 +38,7 @@ class ANIL(MetaLearningModule):
     """
 
     # The task-vectorised step (metalight.vectorized) computes the same meta-gradient: it
-    # adapts the head only (adapt=[head]) and runs head(body(x)) through _vectorized_forward.
+    # adapts the head only (adapt=[head]) and runs head(body(x)) through functional_forward.
     _vectorizes_as_default = ("adapt_task",)
 
     def __init__(
@@ -97,7 +96,7 @@ class ANIL(MetaLearningModule):
         )
         return Adaptation(predict, fhead.fast_params or [])
 
-    def _vectorized_forward(self, values: dict[str, Tensor], x: Tensor) -> Tensor:
+    def functional_forward(self, values: dict[str, Tensor], x: Tensor) -> Tensor:
         """``head(body(x))`` with ``values`` (names of the whole model) replacing tensors."""
 
         def part(prefix: str) -> dict[str, Tensor]:

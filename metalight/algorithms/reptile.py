@@ -36,7 +36,7 @@ class Reptile(MetaLearningModule):
     """
 
     # The task-vectorised step (metalight.vectorized) adapts all tasks at once with plain
-    # gradient steps and takes the same weight differences (_vectorized_meta_gradient).
+    # gradient steps and takes the same weight differences (vectorized_meta_gradient).
     _vectorizes_as_default = ("task_meta_gradient",)
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
@@ -62,12 +62,10 @@ class Reptile(MetaLearningModule):
                 grads.append(None if i is None else (p - adaptation.fast_params[i]) * scale)
         return loss, grads
 
-    def _vectorized_meta_gradient(
+    def vectorized_meta_gradient(
         self, batch: TaskBatch, meta_params: list[nn.Parameter]
     ) -> tuple[Tensor, list[Tensor | None]]:
-        from metalight.vectorized import vectorized_unroll
-
-        losses, fast, self._vectorized_accuracy = vectorized_unroll(self, batch, graph=False)
+        losses, fast, self._vectorized_accuracy = self.vectorized_adaptation(batch, graph=False)
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         grads: list[Tensor | None] = []
         with torch.no_grad():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalight.data.task import Task, TaskBatch
-from metalight.functional import FunctionalModule, monkeypatch
+from metalight.functional import FunctionalModule, functional_call, monkeypatch
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
 from metalight.lightning.finite import FiniteChecks, NonFiniteError
 from metalight.lightning.finite import all_finite as _all_finite
@@ -29,6 +29,7 @@ from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import differentiable_class, get_diff_optim
 from metalight.unroll import UnrollPolicy, run_unroll
+from metalight.vectorized import VectorizedUnroll, check_vectorizable_model, vectorized_unroll
 
 __all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
 
@@ -191,6 +192,26 @@ class MetaLearningModule(L.LightningModule):
     so ``MAML.load_from_checkpoint(path, model=MLP())`` adapts exactly as the trained module.
     """
 
+    # Hooks of the per-task loop that the task-vectorised step re-implements. A subclass that
+    # overrides one trains with the loop, unless it declares in _vectorizes_as_default that
+    # the vectorised step reproduces its implementation (ANIL, Reptile); the declaration
+    # covers that class's own implementation, not a subclass that overrides again.
+    _LOOP_HOOKS: ClassVar[tuple[str, ...]] = ("adapt", "adapt_task", "unroll", "task_meta_gradient")
+    _vectorizes_as_default: ClassVar[tuple[str, ...]] = ()
+    _overridden_loop_hooks: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Once per class, not per meta-step.
+        declarer = next(c for c in cls.__mro__ if "_vectorizes_as_default" in vars(c))
+        exempt = {hook: getattr(declarer, hook) for hook in declarer._vectorizes_as_default}
+        cls._overridden_loop_hooks = tuple(
+            hook
+            for hook in cls._LOOP_HOOKS
+            if getattr(cls, hook) is not getattr(MetaLearningModule, hook)
+            and getattr(cls, hook) is not exempt.get(hook)
+        )
+
     # Factory arguments saved with the hyperparameters (a subclass that builds one itself,
     # like MetaSGD's inner SGD, leaves it out so that reloading does not pass it twice).
     _saved_factories: tuple[str, ...] = ("inner_optim", "outer_optim", "scheduler")
@@ -299,9 +320,7 @@ class MetaLearningModule(L.LightningModule):
         # Under DDP: which meta-parameters got a meta-gradient since the last optimizer step.
         self._used_meta_params: list[bool] | None = None
         if vectorize_tasks is True:
-            from metalight.vectorized import check_vectorizable
-
-            check_vectorizable(self)
+            self.check_vectorizable()
 
     # --- configuration helpers ---------------------------------------------------------------
     def _select_adapted(self, adapt: Sequence[str] | None, trainable: list[str]) -> list[str]:
@@ -729,15 +748,71 @@ class MetaLearningModule(L.LightningModule):
             return bool(self.vectorize_tasks)
         if any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules()):
             return False
-        from metalight.vectorized import check_vectorizable
-
         try:
-            check_vectorizable(self)
+            self.check_vectorizable()
         except ValueError:
             return False
         return True
 
-    def _vectorized_meta_gradient(
+    # --- task-vectorised meta-step (metalight.vectorized) ----------------------------------------
+    def check_vectorizable(self) -> None:
+        """Raise a ``ValueError`` naming what keeps this module from task-vectorised steps.
+
+        The default inner loop (or one the vectorised step reproduces, see
+        ``_vectorizes_as_default``), and :func:`~metalight.vectorized.check_vectorizable_model`.
+        """
+        if self._overridden_loop_hooks:
+            hook = self._overridden_loop_hooks[0]
+            raise ValueError(
+                f"{type(self).__name__} overrides {hook}(): task-vectorised adaptation "
+                "re-implements MetaLearningModule's default inner loop only, so it would not "
+                "compute this algorithm's meta-gradient; use the per-task loop (training_step)"
+            )
+        check_vectorizable_model(self.model, self.policy)
+
+    def functional_forward(self, values: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model's output for ``x`` with ``values`` (by ``named_parameters()`` and buffer
+        names) replacing its tensors; what the task-vectorised step runs under ``vmap``.
+        An algorithm whose adaptation calls the model differently (ANIL) overrides it."""
+        return functional_call(self.model, values, (x,))
+
+    def vectorized_adaptation(self, batch: TaskBatch, *, graph: bool) -> VectorizedUnroll:
+        """All tasks of ``batch`` adapted at once with this module's ingredients.
+
+        :func:`metalight.vectorized.vectorized_unroll` with the inner optimizer, losses,
+        ``inner_steps``, unroll policy, adapted parameters, learnable rates,
+        ``multi_step_loss``, :meth:`functional_forward` and NaN policy of this module.
+        """
+        self.check_vectorizable()
+        return vectorized_unroll(
+            self.model,
+            lambda fmodel: self.make_inner_optimizer(fmodel, True),
+            batch,
+            self.inner_loss,
+            self.outer_loss,
+            self.inner_steps,
+            self.policy,
+            adapted=self.adaptable_parameters(),
+            override=self.inner_override,
+            multi_step_loss=self.multi_step_loss,
+            forward=self.functional_forward,
+            classification=len(batch) > 0 and self.is_classification(batch.query_y),
+            check_finite=self.nan_policy != "off",
+            nonfinite_error=NonFiniteError,
+            graph=graph,
+        )
+
+    def vectorized_task_losses(self, batch: TaskBatch) -> Tensor:
+        """Each task's query loss, differentiable (see
+        :func:`metalight.vectorized.vectorized_task_losses`)."""
+        if type(self).vectorized_meta_gradient is not MetaLearningModule.vectorized_meta_gradient:
+            raise ValueError(
+                f"{type(self).__name__}'s meta-gradient is not the gradient of its query losses "
+                "(it defines its own vectorised meta-gradient): use its training_step"
+            )
+        return self.vectorized_adaptation(batch, graph=True).losses
+
+    def vectorized_meta_gradient(
         self, batch: TaskBatch, meta_params: list[nn.Parameter]
     ) -> tuple[Tensor, list[Tensor | None]]:
         """Each task's query loss and the meta-gradient of their mean, all tasks at once.
@@ -746,9 +821,7 @@ class MetaLearningModule(L.LightningModule):
         scale ``1 / len(batch)``. Algorithms whose meta-gradient is not the gradient of the
         query loss (Reptile) override both.
         """
-        from metalight.vectorized import vectorized_unroll
-
-        unrolled = vectorized_unroll(self, batch, graph=True)
+        unrolled = self.vectorized_adaptation(batch, graph=True)
         losses, self._vectorized_accuracy = unrolled.losses, unrolled.accuracy
         meta_loss = losses.mean()
         grads: list[Tensor | None] = (
@@ -762,7 +835,7 @@ class MetaLearningModule(L.LightningModule):
         meta_params = self.meta_parameters()
         grads: list[Tensor | None] = []
         try:
-            losses, grads = self._vectorized_meta_gradient(batch, meta_params)
+            losses, grads = self.vectorized_meta_gradient(batch, meta_params)
         except NonFiniteError:
             bad = True
         else:
