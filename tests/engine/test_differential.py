@@ -342,7 +342,8 @@ def test_engine_matches_references(
 def _step_then_raise(
     structure: Structure, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor
 ) -> None:
-    with innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+    # higher's default, detached initial weights, this time.
+    with innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
         diffopt.step(structure.call(_view_run(fmodel), x).pow(2).mean())
         raise KeyError("user")
 
