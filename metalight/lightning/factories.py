@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["UNSAVED", "build_factory", "describe_factory", "import_path"]
@@ -33,15 +33,28 @@ UNSAVED = "_unsaved_"
 _PLAIN = (bool, int, float, str, type(None))
 
 
-def _plain(value: Any) -> bool:
-    """Whether ``value`` survives a checkpoint and a YAML file unchanged in meaning."""
+class _NotPlain(Exception):
+    pass
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain data that a checkpoint and a YAML file keep unchanged in meaning.
+
+    Lists and tuples stay what they are; other sequences and mappings (OmegaConf's
+    ``ListConfig`` and ``DictConfig``, from a Hydra partial built without ``_convert_``)
+    become lists and dicts. Raises ``_NotPlain`` for anything else (a tensor, an object).
+    """
     if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
+        return value
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
     if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    return False
+        if not all(isinstance(k, str) for k in value):
+            raise _NotPlain
+        return {k: _plain(v) for k, v in value.items()}
+    raise _NotPlain
 
 
 def import_path(obj: Any) -> str | None:
@@ -91,7 +104,11 @@ def describe_factory(factory: Callable[..., Any] | None) -> dict[str, Any] | Non
     if isinstance(factory, functools.partial):
         func, args, kwargs = factory.func, factory.args, dict(factory.keywords)
     path = import_path(func)
-    if path is None or not _plain(args) or not _plain(kwargs) or "_target_" in kwargs:
+    try:
+        args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
+    except _NotPlain:
+        path = None
+    if path is None or "_target_" in kwargs:
         return {UNSAVED: repr(factory)}
     description: dict[str, Any] = {"_target_": path, "_partial_": True}
     if args:

@@ -183,6 +183,12 @@ def test_factory_descriptions_round_trip() -> None:
         "_target_": "torch.optim.sgd.SGD",
         "_partial_": True,
     }
+    # A Hydra partial built without _convert_ holds OmegaConf containers: saved as lists.
+    from omegaconf import OmegaConf
+
+    hydra_adam = functools.partial(torch.optim.Adam, betas=OmegaConf.create([0.5, 0.6]))
+    saved = describe_factory(hydra_adam)
+    assert saved is not None and type(saved["betas"]) is list and saved["betas"] == [0.5, 0.6]
     tensor_lr = functools.partial(torch.optim.SGD, lr=torch.tensor(0.1))
     assert set(describe_factory(tensor_lr)) == {"_unsaved_"}
     with pytest.raises(ValueError, match=r"inner_optim: cannot import 'torch\.optim\.Nope'"):
