@@ -58,8 +58,13 @@ def omniglot_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+def omniglot_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("omniglot_cache")
+
+
+@pytest.fixture(scope="module")
 def trained(
-    omniglot_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    omniglot_dir: Path, omniglot_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, MetaLearningModule, dict[str, Any], str]:
     """A tiny real run on every class of six alphabets (no validation, no test):
     (its run directory, the module as training left it, its results, its output)."""
@@ -69,6 +74,7 @@ def trained(
     overrides = [
         "+recipe=omniglot_maml_5w1s",
         f"data.root={omniglot_dir}",
+        f"data.cache_dir={omniglot_cache}",
         "data.val_alphabets=[]",
         "data.test_alphabets=[]",
         "trainer.limit_val_batches=null",  # the data alone must switch validation off
@@ -385,7 +391,11 @@ def test_the_guide_python_example_runs_on_a_trained_run(
     assert namespace["query"].shape == (3, 1, 28, 28)
 
 
-def test_the_guide_train_on_every_class_overrides_hold_nothing_out(omniglot_dir: Path) -> None:
+def test_the_guide_train_on_every_class_overrides_hold_nothing_out(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    omniglot_cache: Path,
+) -> None:
     guide = (REPO / "docs" / "using-a-trained-model.md").read_text()
     assert "data.train_alphabets=null data.test_alphabets=[]" in guide
     register_resolvers()
@@ -395,6 +405,7 @@ def test_the_guide_train_on_every_class_overrides_hold_nothing_out(omniglot_dir:
         f"data.root={omniglot_dir}",
         "data.train_alphabets=null",
         "data.test_alphabets=[]",
+        f"data.cache_dir={omniglot_cache}",  # decoded once already, by the trained run
     ]
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
