@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig
 
 from metalight.bilevel.module import BilevelModule
 from metalight.lightning.checkpoint_io import AtomicCheckpointIO
 from metalight.lightning.module import MetaLearningModule
+from metalight.run.selection import resolve_monitor
+from metalight.run.tracking import log_config
 
 __all__ = [
     "Components",
@@ -90,21 +94,41 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     """
     loggers = []
     for _, node in _targets(cfg.get("logger")):
-        if str(node["_target_"]).endswith("TensorBoardLogger") and not tensorboard_available():
+        target = str(node["_target_"])
+        if target.endswith("TensorBoardLogger") and not tensorboard_available():
             continue
-        loggers.append(instantiate(node, _convert_="all"))
+        kwargs: dict[str, Any] = {}
+        uri = str(node.get("tracking_uri") or "")
+        if target.endswith("MLFlowLogger") and uri.startswith("sqlite:///"):
+            # Absolute, so that results.json names the store from anywhere; SQLite creates
+            # the database file but not the folder it lives in.
+            store = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+            store.parent.mkdir(parents=True, exist_ok=True)
+            kwargs["tracking_uri"] = f"sqlite:///{store}"
+        loggers.append(instantiate(node, **kwargs, _convert_="all"))
     return loggers
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The callbacks of ``cfg.callbacks`` (checkpointing, ...).
+    """The callbacks of ``cfg.callbacks`` (checkpointing, model selection, ...).
+
+    ``monitor: auto`` and ``mode: auto`` become the post-adaptation validation accuracy
+    (maximised) for classification data, the post-adaptation validation loss (minimised)
+    for regression data (:func:`metalight.run.selection.resolve_monitor`).
 
     Example:
         >>> from omegaconf import OmegaConf
         >>> build_callbacks(OmegaConf.create({"callbacks": None}))
         []
     """
-    return [instantiate(node, _convert_="all") for _, node in _targets(cfg.get("callbacks"))]
+    callbacks = []
+    for _, node in _targets(cfg.get("callbacks")):
+        kwargs: dict[str, Any] = {}
+        if node.get("monitor") == "auto" or node.get("mode") == "auto":
+            monitor, mode = resolve_monitor(cfg, str(node.monitor), str(node.get("mode", "auto")))
+            kwargs = {"monitor": monitor, "mode": mode}
+        callbacks.append(instantiate(node, **kwargs, _convert_="all"))
+    return callbacks
 
 
 def build_trainer(
@@ -116,7 +140,9 @@ def build_trainer(
     """The ``lightning.Trainer`` of ``cfg.trainer`` with the given loggers and callbacks.
 
     Checkpointing is switched off when no ``ModelCheckpoint`` is among the callbacks, so a
-    run without one writes no checkpoint anywhere.
+    run without one writes no checkpoint anywhere. Checkpoints are saved through
+    :class:`~metalight.lightning.checkpoint_io.AtomicCheckpointIO` unless ``trainer.plugins``
+    names another ``CheckpointIO``; other plugins (e.g. ``SLURMEnvironment``) are kept.
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -132,9 +158,14 @@ def build_trainer(
         "callbacks": callbacks,
         "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
     }
-    if not cfg.trainer.get("plugins"):
+    plugins = [
+        instantiate(node, _convert_="all") if isinstance(node, DictConfig) else node
+        for node in (cfg.trainer.get("plugins") or [])
+    ]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
         # A kill during a save must leave the previous checkpoint whole.
-        kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins.append(AtomicCheckpointIO())
+    kwargs["plugins"] = plugins
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs, _convert_="all")
 
@@ -157,7 +188,8 @@ class Components:
 def build(cfg: DictConfig) -> Components:
     """Instantiate the data module, the algorithm and the trainer of a composed config.
 
-    ``cfg.paths.run_dir`` must be set, since loggers and checkpoints write under it.
+    ``cfg.paths.run_dir`` must be set, since loggers and checkpoints write under it. The
+    loggers receive the composed config as hyperparameters.
 
     Example:
         >>> from hydra import compose, initialize_config_dir
@@ -170,5 +202,8 @@ def build(cfg: DictConfig) -> Components:
     """
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg))
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, loggers, build_callbacks(cfg))
+    # The trackers get the whole experiment, not only the module's arguments.
+    log_config(trainer.loggers, cfg)
     return Components(datamodule, module, trainer)

@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -268,10 +270,10 @@ class _Interrupts:
         self.signum: int | None = None
         self._saved: dict[int, Any] = {}
 
-    def install(self) -> _Interrupts:
+    def install(self, signums: Sequence[int] = tuple(_EXIT_CODES)) -> _Interrupts:
         if threading.current_thread() is not threading.main_thread():
             return self
-        for signum in _EXIT_CODES:
+        for signum in signums:
             self._saved.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
         return self
@@ -279,7 +281,7 @@ class _Interrupts:
     def take_over(self) -> None:
         """Puts the handlers back in place (Lightning installs its own SIGTERM handler)."""
         if self._saved and threading.current_thread() is threading.main_thread():
-            for signum in _EXIT_CODES:
+            for signum in self._saved:
                 signal.signal(signum, self._handle)
 
     def restore(self) -> None:
@@ -494,6 +496,7 @@ def _finish_interrupted(
     run_dir: Path,
     start_step: int,
     seconds: float,
+    requeue_job: str | None = None,
 ) -> None:
     name = signal.Signals(stop.signum).name
     resume = _resume_command(stop.checkpoint)
@@ -518,7 +521,14 @@ def _finish_interrupted(
     if components is not None and (csv_path := _csv_path(components)) is not None:
         files["metrics_csv"] = str(csv_path)
     results["files"] = files
+    if _slurm_job_id():
+        results["slurm_job_id"] = _slurm_job_id()
     try:
+        if requeue_job is not None:
+            # Recorded before requeueing: the requeued job looks for it to resume.
+            results["interrupted"]["requeued"] = True
+            _save(run_dir, results)
+            results["interrupted"]["requeue"] = _requeue(requeue_job)
         _save(run_dir, results)
     finally:
         print(format_summary(results), flush=True)
@@ -528,6 +538,61 @@ def _finish_interrupted(
             file=sys.stderr,
             flush=True,
         )
+
+
+def _slurm_job_id() -> str | None:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None and os.environ.get("SLURM_ARRAY_TASK_ID") is not None:
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _requeue_signal(trainer: L.Trainer) -> int | None:
+    """The signal on which the run requeues itself (trainer=slurm), else None."""
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return int(environment.requeue_signal or signal.SIGUSR1)
+    return None
+
+
+def _auto_requeue_configured(cfg: DictConfig) -> bool:
+    for node in OmegaConf.select(cfg, "trainer.plugins", default=None) or []:
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        if target.endswith("SLURMEnvironment"):
+            return bool(node.get("auto_requeue", True))
+    return False
+
+
+def _requeued_checkpoint(cfg: DictConfig, job: str) -> str | None:
+    """The checkpoint of the latest run of SLURM job ``job`` that stopped to be requeued."""
+    parent = Path(str(OmegaConf.select(cfg, "paths.output_dir", default="runs")))
+    best: tuple[int, float, str] | None = None
+    for results_file in parent.glob(f"*/{RESULTS_FILE}"):
+        try:
+            results = json.loads(results_file.read_text())
+        except (OSError, ValueError):
+            continue
+        stop = results.get("interrupted") or {}
+        ckpt = stop.get("checkpoint")
+        if results.get("slurm_job_id") != job or not stop.get("requeued") or not ckpt:
+            continue
+        if Path(ckpt).is_file():
+            key = (int(stop.get("step", 0)), results_file.stat().st_mtime, str(ckpt))
+            best = max(best, key) if best else key
+    return best[2] if best else None
+
+
+def _requeue(job: str) -> str:
+    """Asks SLURM to requeue ``job``; returns what happened, for results.json."""
+    try:
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, check=False
+        )
+    except OSError as err:
+        return f"scontrol requeue {job} could not run: {err}"
+    if done.returncode != 0:
+        return f"scontrol requeue {job} failed ({done.returncode}): {done.stderr.strip()}"
+    return f"requeued SLURM job {job}"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -576,8 +641,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
     ckpt_path = cfg.get("ckpt_path")
+    job = _slurm_job_id()
+    if ckpt_path is None and job and _auto_requeue_configured(cfg):
+        ckpt_path = _requeued_checkpoint(cfg, job)
+        if ckpt_path is not None:
+            print(f"metalight: SLURM job {job} was requeued: resuming from {ckpt_path}")
+            cfg = copy.deepcopy(cfg)
+            with open_dict(cfg):
+                cfg.ckpt_path = ckpt_path
     run_dir = resolve_run_dir(cfg)
     components: Components | None = None
+    requeue_on: int | None = None
     start_step = 0
     started = time.monotonic()
     trained = False
@@ -596,6 +670,11 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         cfg = _with_run_dir(cfg, run_dir)
         components = build(cfg)
         trainer = components.trainer
+        requeue_on = _requeue_signal(trainer) if job else None
+        if requeue_on is not None:
+            # Installed before fit, so Lightning keeps it instead of its own requeue handler
+            # (which saves in the middle of a step).
+            interrupts.install([requeue_on])
         skipped = skip_absent_splits(components)  # training on every class: nothing held out
         interrupt = _InterruptCallback(
             interrupts, _checkpoint_dir(components, run_dir) / "last.ckpt"
@@ -621,8 +700,9 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         if stop.phase != "training" and stop.checkpoint is None and trained:
             stop.checkpoint = _last_checkpoint(components) if components else None
         if components is None or components.trainer.is_global_zero:
+            requeue = job if job and stop.signum == requeue_on else None
             _finish_interrupted(
-                stop, cfg, components, run_dir, start_step, time.monotonic() - started
+                stop, cfg, components, run_dir, start_step, time.monotonic() - started, requeue
             )
         raise
     except BaseException:
@@ -648,7 +728,7 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         results["skipped_splits"] = skipped
     if (selection := describe_selection(trainer)) is not None:
         results["selection"] = selection  # which weights were tested (callbacks=best)
-    if trackers := finish_trackers(trainer.loggers):
+    if trackers := finish_trackers(trainer.loggers, cfg, results["metrics"]):
         results["trackers"] = trackers
     if trainer.is_global_zero:
         # The results first, atomically: pictures are extras that must not cost them.

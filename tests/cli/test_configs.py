@@ -60,7 +60,7 @@ def test_the_required_recipes_and_groups_exist() -> None:
         "omniglot",
         "sinusoid",
     ]
-    assert _options("trainer") == ["cpu", "ddp", "gpu"]
+    assert _options("trainer") == ["cpu", "ddp", "gpu", "slurm"]
     for group in ("logger", "callbacks", "paths", "outer_optim"):
         assert _options(group)
 

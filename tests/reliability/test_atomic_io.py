@@ -263,3 +263,31 @@ def test_another_zip_and_a_directory_are_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint_file(tmp_path / "missing.ckpt")
     assert load_checkpoint_file(_saved(tmp_path / "good.ckpt"))["global_step"] == 3
+
+
+def test_trainer_plugins_from_the_config_keep_the_atomic_saves(tmp_path: Path) -> None:
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from omegaconf import OmegaConf
+
+    from metalight.run.build import build_trainer
+
+    cfg = OmegaConf.create(
+        {
+            "trainer": {
+                "_target_": "lightning.Trainer",
+                "accelerator": "cpu",
+                "logger": False,
+                "enable_progress_bar": False,
+                "plugins": [
+                    {
+                        "_target_": "lightning.fabric.plugins.environments.SLURMEnvironment",
+                        "auto_requeue": True,
+                    }
+                ],
+            }
+        }
+    )
+    trainer = build_trainer(cfg)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue

@@ -10,6 +10,7 @@ random (printed in every failure), always before the first periodic checkpoint (
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import signal
@@ -128,3 +129,44 @@ def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_agai
     assert results["interrupted"]["resume"] == shlex.join(["metalight", *ARGS])
     assert not list(run_dir.glob("checkpoints/*.ckpt"))
     assert "nothing to save yet" in capsys.readouterr().out
+
+
+def test_trainer_slurm_requeues_itself_and_the_requeued_job_resumes_bitwise(
+    runs: dict[str, tuple[Path, int, str, str]], tmp_path: Path
+) -> None:
+    # SLURM is not here: a stand-in scontrol records the requeue. Everything else is real:
+    # Lightning's SLURMEnvironment(auto_requeue=True), the signal, the save and the resume.
+    stop = random.Random(SEED + 1).randrange(1, STEPS)
+    where = f"SIGUSR1 while training step {stop} (seed {SEED})"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "meta",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    args = [*ARGS, "trainer=slurm"]
+    first = start_cli(args, tmp_path, {**slurm, SIGNAL_AT_STEP_ENV: f"{stop}:SIGUSR1"}, "first")
+    status, _, err = finish_cli(first, tmp_path, "first")
+    assert status == 128 + signal.SIGUSR1, f"{where}: exit {status}\n{err[-3000:]}"
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    (stopped,) = (tmp_path / "runs").iterdir()
+    results = json.loads((stopped / "results.json").read_text())
+    assert results["slurm_job_id"] == "4242" and results["interrupted"]["requeued"] is True
+    assert results["interrupted"]["requeue"] == "requeued SLURM job 4242"
+
+    # The requeued job: the same command and job id, and no ckpt_path.
+    second = start_cli(args, tmp_path, slurm, "second")
+    status, out, err = finish_cli(second, tmp_path, "second")
+    assert status == 0, f"{where}: requeued run failed\n{err[-3000:]}"
+    assert f"SLURM job 4242 was requeued: resuming from {stopped}/checkpoints/last.ckpt" in out
+    (resumed,) = [p for p in (tmp_path / "runs").iterdir() if p != stopped]
+    reference = the_run(runs["reference"][0])
+    assert_identical(final_state(resumed), final_state(reference), where)
+    got = json.loads((resumed / "results.json").read_text())
+    assert got["metrics"] == json.loads((reference / "results.json").read_text())["metrics"]
+    assert got["start_step"] == stop and got["steps"] == STEPS
