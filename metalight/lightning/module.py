@@ -704,6 +704,19 @@ class MetaLearningModule(L.LightningModule):
             check_strategy(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hyperparameters = checkpoint.get("hyper_parameters")
+        if (
+            hyperparameters is not None
+            and "inner_optim" in self._saved_factories
+            and "inner_optim" not in hyperparameters
+        ):
+            # A Lightning checkpoint saved before checkpoints held the inner optimizer (a
+            # weights-only dict has no hyperparameters: its loader builds from a config).
+            self._warn(
+                "this checkpoint does not record its inner optimizer (saved by an older "
+                f"version): the module adapts with {self._factory_descriptions['inner_optim']}; "
+                "if it was trained with another, pass inner_optim=... to load_from_checkpoint"
+            )
         # Checked before Lightning loads anything, so a refused checkpoint leaves the module
         # as it was (torch's strict load would copy the matching tensors first).
         saved = checkpoint.get("state_dict", {})

@@ -193,3 +193,14 @@ def test_factory_descriptions_round_trip() -> None:
     assert set(describe_factory(tensor_lr)) == {"_unsaved_"}
     with pytest.raises(ValueError, match=r"inner_optim: cannot import 'torch\.optim\.Nope'"):
         build_factory({"_target_": "torch.optim.Nope", "_partial_": True}, "inner_optim")
+
+
+def test_a_checkpoint_without_its_inner_optimizer_is_flagged(tmp_path: Path) -> None:
+    # As saved before checkpoints held the inner optimizer.
+    module = fit(MAML(MLP(2, (16,), 3), inner_optim=functools.partial(torch.optim.SGD, lr=0.2)), 1)
+    module.trainer.save_checkpoint(tmp_path / "old.ckpt")
+    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    del checkpoint["hyper_parameters"]["inner_optim"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match=r"does not record its inner optimizer .* adapts with "):
+        MAML.load_from_checkpoint(tmp_path / "old.ckpt", model=MLP(2, (16,), 3))
