@@ -43,7 +43,7 @@ TRUNCATE = 1
 BY_NAME = {s.name: s for s in STRUCTURES}
 CASES = {c.id: c for c in OPTIMIZER_CASES}
 #: Structures that see the whole optimizer table (plain unroll through innerloop_ctx).
-FULL_TABLE = ("mlp", "shared_module", "gru_2layer")
+FULL_TABLE = ("mlp", "shared_module", "lstm")
 #: Every structure sees these with every policy and entry point.
 CORE = ("sgd-momentum", "adam")
 
