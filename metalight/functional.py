@@ -1,11 +1,15 @@
 """Stateless views of ``nn.Module``s with a history of fast weights.
 
 A :class:`FunctionalModule` runs any ``torch.nn.Module`` with tensors it holds itself (the
-*fast weights*) through :func:`torch.func.functional_call`. The wrapped module is never
-changed by an unroll: its parameters are only read, and its buffers (BatchNorm running
-statistics) are copied per view, so an inner loop can update them without leaking into the
-model. Parameters are kept in the order of ``module.named_parameters()``, the order every
-optimizer of :mod:`metalight.optim` and every ``params=`` list uses.
+*fast weights*). For each call they are put into the module's slots (one per attribute of
+each module object, however many names reach it) and the module's own tensors are put back
+afterwards, also on errors: the wrapped module is never changed by a view, a step or an
+unroll (see ``docs/engine-invariant.md``). Its buffers (BatchNorm running statistics,
+spectral norm's power-iteration vectors) are copied per view, so an inner loop can update
+them without leaking into the model. Parameters are kept in the order of
+``module.named_parameters()``, the order every optimizer of :mod:`metalight.optim` and every
+``params=`` list uses. :func:`functional_call` is the same mechanism as a drop-in for
+``torch.func.functional_call``.
 
 Example:
     >>> import torch
