@@ -35,6 +35,7 @@ from metalight.lightning.module import Adaptation, MetaLearningModule
 __all__ = [
     "TrainedModel",
     "adapt",
+    "check_classes",
     "data_transform",
     "find_checkpoint",
     "load",
@@ -124,6 +125,32 @@ def adapt(
     # weights: nothing kept leads to the meta-parameters.
     with torch.no_grad():
         return module.adapt(support_x, support_y, steps)
+
+
+def check_classes(module: MetaLearningModule, support_x: Tensor, ways: int, what: str) -> None:
+    """Refuses more classes than the model has outputs, before any adaptation is tried.
+
+    Args:
+        module: The meta-trained module.
+        support_x: Support inputs (one forward pass over them gives the output width).
+        ways: The number of classes of the support set.
+        what: What holds the classes, for the message (a folder's path, ...).
+
+    Raises:
+        ValueError: If ``ways`` exceeds the model's outputs.
+    """
+    training = module.training
+    module.eval()  # a look at the output width must not move BatchNorm's running statistics
+    try:
+        with torch.no_grad():
+            outputs = module(support_x).shape[-1]
+    finally:
+        module.train(training)
+    if ways > outputs:
+        raise ValueError(
+            f"{what} has {ways} classes but the model has {outputs} outputs (it was trained "
+            f"{outputs}-way); give at most {outputs} classes."
+        )
 
 
 def predict_logits(adaptation: Adaptation, x: Tensor) -> Tensor:

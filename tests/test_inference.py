@@ -412,3 +412,30 @@ def test_the_guide_train_on_every_class_overrides_hold_nothing_out(
     dm = build_datamodule(cfg)
     assert dm.split_names() == ("train",)
     assert dm.datasets["train"].num_classes == 4 * 242  # every character, with rotations
+
+
+def test_more_classes_than_the_model_has_outputs_is_refused_in_one_line(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_dir, _, _, _ = trained
+    six = [f"character{c:02d}" for c in range(1, 7)]
+    root = make_episodes(omniglot_dir, tmp_path / "episodes", [("Greek", six, 1, 1)])
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", f"ckpt_path={run_dir}", "data=episodes", f"data.root={root}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"episode {root / 'episode_00'} has 6 classes but the model has 5 outputs" in err
+    support, query = root / "episode_00" / "support", root / "episode_00" / "query"
+    assert main(["predict", f"ckpt_path={run_dir}", f"support={support}", f"query={query}"]) == 2
+    err = capsys.readouterr().err
+    assert f"support folder {support} has 6 classes but the model has 5 outputs" in err
+    assert len(err.strip().splitlines()) == 1
+
+    assert main(["predict", "--help"]) == 0
+    assert "support=DIR" in capsys.readouterr().out
+    assert main(["eval", "--help"]) == 0
+    assert "data=episodes data.root=DIR" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metalight.data.episodes import EpisodesDataModule, FixedEpisodes
-from metalight.inference import TrainedModel, adapt, load, predict_logits
+from metalight.inference import TrainedModel, adapt, check_classes, load, predict_logits
 from metalight.lightning.checkpoint_io import atomic_write
 from metalight.lightning.module import MetaLearningModule, NonFiniteError
 from metalight.run.errors import ConfigError
@@ -90,18 +90,13 @@ def score_episodes(
         task = task.to(device)
         ways = len(task.info)
         sizes = (name, ways, len(task.support_y), len(task.query_y))
+        check_classes(module, task.support_x, ways, f"episode {episodes.root / name}")
         try:
             adaptation = adapt(module, task.support_x, task.support_y, steps)
             logits = predict_logits(adaptation, task.query_x)
         except NonFiniteError as err:
             scores.append(EpisodeScore(*sizes, accuracy=None, diverged=True, error=str(err)))
             continue
-        if logits.shape[-1] < ways:
-            raise ValueError(
-                f"episode {episodes.root / name} has {ways} classes but the model has "
-                f"{logits.shape[-1]} outputs (it was trained {logits.shape[-1]}-way); use "
-                f"episodes of at most {logits.shape[-1]} classes."
-            )
         if not bool(torch.isfinite(logits).all()):
             error = "non-finite outputs on the query set after adaptation"
             scores.append(EpisodeScore(*sizes, accuracy=None, diverged=True, error=error))

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metalight.data._images import IMAGE_EXTENSIONS
-from metalight.inference import TrainedModel, load, predict_logits
+from metalight.inference import TrainedModel, check_classes, load, predict_logits
 from metalight.lightning.checkpoint_io import atomic_write
 from metalight.lightning.module import NonFiniteError
 from metalight.run.errors import ConfigError
@@ -108,18 +108,13 @@ def predict_folders(
     files = list_query_images(query)
     x = trained.read_images(files)
     device = trained.module.device
+    ways = len(folder.class_names)
+    check_classes(trained.module, folder.x.to(device), ways, f"support folder {folder.root}")
     try:
         adaptation = trained.adapt(folder.x.to(device), folder.y.to(device))
         logits = predict_logits(adaptation, x.to(device))
     except NonFiniteError as err:
         raise ValueError(f"adapting on {folder.root} diverged: {err}") from err
-    ways = len(folder.class_names)
-    if logits.shape[-1] < ways:
-        raise ValueError(
-            f"support folder {folder.root} has {ways} classes but the model has "
-            f"{logits.shape[-1]} outputs (it was trained {logits.shape[-1]}-way); give at most "
-            f"{logits.shape[-1]} classes."
-        )
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(
             f"adapting on {folder.root} diverged: the outputs are not finite; lower the inner "
