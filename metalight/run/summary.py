@@ -128,8 +128,13 @@ def format_summary(results: Mapping[str, Any]) -> str:
         if results.get("baseline"):
             baseline = format_metrics(results["baseline"], "test", results.get("eval_inner_steps"))
             lines.append(f"  baseline  {baseline}")
+        if results.get("selection"):
+            lines.append(f"  weights   {results['selection']['summary']}")
         if results.get("expected"):
             lines.append(f"  expected  {results['expected']}")
+    for kind, where in (results.get("trackers") or {}).items():
+        if kind != "csv":  # the CSV file is in the run directory, as always
+            lines.append(f"  {kind:<9} {where.get('summary', '')}")
     lines.append(f"  run dir   {results.get('run_dir')}")
     return "\n".join(lines)
 
