@@ -222,6 +222,7 @@ def load(
         OmniglotTransform(image_size=28, channels=1, invert=True)
     """
     from metalight.run.build import build_module
+    from metalight.run.errors import ConfigError
     from metalight.run.train import apply_overrides, load_run_config
 
     checkpoint = find_checkpoint(path)
@@ -229,6 +230,12 @@ def load(
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     module = build_module(cfg)
+    if not isinstance(module, MetaLearningModule):
+        raise ConfigError(
+            f"the run in {run_dir} trained a {type(module).__name__}, which does not adapt to "
+            "support sets: metalight.load reads runs of the meta-learning algorithms (MAML, "
+            "ANIL, ...)"
+        )
     load_weights(module, checkpoint, map_location)
     module.to(map_location)
     module.eval()

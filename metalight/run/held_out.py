@@ -38,7 +38,7 @@ def skip_absent_splits(components: Any) -> list[str]:
     if absent:
         words = {"val": "validation", "test": "test"}
         skipped = " and ".join(words[s] for s in absent)
-        if rank_zero_only.rank == 0:
+        if getattr(rank_zero_only, "rank", 0) == 0:
             print(
                 f"metalight: no held-out {skipped} classes in the data: {skipped} skipped",
                 flush=True,
