@@ -65,15 +65,15 @@ class TrainedModel:
     run_dir: Path
     checkpoint: Path
 
-    def read_folder(self, folder: str | os.PathLike[str]) -> ClassFolder:
+    def read_folder(self, folder: str | os.PathLike[str], what: str = "folder") -> ClassFolder:
         """Reads ``folder/<class>/<image>`` with the training transform (labels by sorted
-        class name).
+        class name); ``what`` names the folder in messages.
 
         Raises:
             ValueError: If the training data were not images, or the folder breaks the
                 layout (the message names the path).
         """
-        return read_class_folders(folder, self._image_transform(), what="support folder")
+        return read_class_folders(folder, self._image_transform(), what=what)
 
     def read_images(self, images: Sequence[str | os.PathLike[str]]) -> Tensor:
         """Reads image files with the training transform into ``[N, C, H, W]``."""

@@ -104,7 +104,7 @@ def predict_folders(
         >>> [p.class_name for p in predict_folders(trained, "support", "query")]  # doctest: +SKIP
         ['b', 'a', 'c']
     """
-    folder = trained.read_folder(support)
+    folder = trained.read_folder(support, what="support folder")
     files = list_query_images(query)
     x = trained.read_images(files)
     device = trained.module.device
