@@ -316,6 +316,7 @@ class _InterruptCallback(Callback):
         self.checkpoint = checkpoint
         self.resumed_from: str | None = None
         self._saved: RunInterrupted | None = None
+        self.steps_done = 0  # in this process
         self.signal_at: tuple[int, int] | None = None
         hook = os.environ.get(SIGNAL_AT_STEP_ENV)
         if hook:
@@ -344,6 +345,7 @@ class _InterruptCallback(Callback):
             os.kill(os.getpid(), self.signal_at[1])
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps_done += 1
         # Here, at the end of a step, is where the periodic checkpoints are saved too: a
         # resume from this one continues exactly as the uninterrupted run would have.
         signum = self._asked(trainer)
@@ -429,10 +431,10 @@ def _saved_settings(checkpoint: dict[str, Any], ckpt_path: str) -> tuple[DictCon
     return _restored_settings(saved), f"{run_dir / CONFIG_FILE}"
 
 
-def _check_resume(cfg: DictConfig, ckpt_path: str) -> int:
+def _check_resume(cfg: DictConfig, ckpt_path: str) -> dict[str, Any]:
     """Refuses a resume whose settings differ from what the checkpoint restores, in one line.
 
-    Returns the checkpoint's meta-iteration.
+    Returns the checkpoint.
     """
     checkpoint = load_checkpoint_file(ckpt_path)
     if "state_dict" not in checkpoint:
@@ -456,7 +458,19 @@ def _check_resume(cfg: DictConfig, ckpt_path: str) -> int:
                 "were: leave these overrides out to resume, or start a new run without "
                 "ckpt_path to train with other settings"
             )
-    return int(checkpoint.get("global_step", 0))
+    return checkpoint
+
+
+def _check_fit(module: L.LightningModule, checkpoint: dict[str, Any], ckpt_path: str) -> None:
+    """Refuses, in one line, weights that do not fit the model this run builds (checked here,
+    before anything is written, rather than as a traceback from inside the trainer)."""
+    try:
+        module.on_load_checkpoint(checkpoint)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"the weights in ckpt_path={ckpt_path} do not fit the model this run builds: "
+            f"{' '.join(str(err).split())}"
+        ) from None
 
 
 def _resume_command(ckpt: str | None) -> str:
@@ -652,6 +666,8 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
     run_dir = resolve_run_dir(cfg)
     components: Components | None = None
     requeue_on: int | None = None
+    resumed: dict[str, Any] | None = None
+    interrupt: _InterruptCallback | None = None
     start_step = 0
     started = time.monotonic()
     trained = False
@@ -666,9 +682,13 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             refuse_used_run_dir(run_dir, hydra_files=False)
         if ckpt_path is not None:
-            start_step = _check_resume(cfg, str(ckpt_path))
+            resumed = _check_resume(cfg, str(ckpt_path))
+            start_step = int(resumed.get("global_step", 0))
         cfg = _with_run_dir(cfg, run_dir)
         components = build(cfg)
+        if resumed is not None:
+            _check_fit(components.module, resumed, str(ckpt_path))
+            resumed = None  # the trainer loads it again: do not hold two copies
         trainer = components.trainer
         requeue_on = _requeue_signal(trainer) if job else None
         if requeue_on is not None:
@@ -707,9 +727,7 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         raise
     except BaseException:
         # A run that never trained a step failed to start: it leaves no directory behind.
-        if rank_zero_only.rank == 0 and (
-            components is None or components.trainer.global_step == start_step
-        ):
+        if rank_zero_only.rank == 0 and (interrupt is None or interrupt.steps_done == 0):
             _remove_failed_start(run_dir)
         raise
     results = _base_results(cfg, "train", run_dir)

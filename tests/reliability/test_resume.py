@@ -336,3 +336,19 @@ def test_pictures_honour_nan_policy_skip(
     results = json.loads((run_dir / "results.json").read_text())
     assert results["files"]["sinusoid_tasks"] == str(run_dir / "sinusoid_tasks.png")
     assert results["metrics"]["test/episodes"] < 8  # some test tasks were indeed skipped
+
+
+def test_resuming_weights_that_do_not_fit_gets_one_line_without_any_record_to_compare(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capture
+) -> None:
+    # A checkpoint without the stored settings (saved by another program) and no config.yaml
+    # beside it: the model itself says that the weights do not fit.
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint["callbacks"]["metalight.run_config"]
+    foreign = tmp_path / "foreign" / "weights.ckpt"
+    foreign.parent.mkdir()
+    torch.save(checkpoint, foreign)
+    argv = ["train", *TINY, "model.hidden=[20,20]", f"ckpt_path={foreign}"]
+    line = _refused(argv, tmp_path / "cwd", monkeypatch, capsys, trained)
+    assert f"the weights in ckpt_path={foreign} do not fit the model this run builds: " in line
+    assert "size mismatch for model." in line
