@@ -47,7 +47,7 @@ FULL_TABLE = ("mlp", "shared_module", "lstm")
 #: Every structure sees these with every policy and entry point.
 CORE = ("sgd-momentum", "adam")
 
-# (entry point, policy) pairs; "no_higher_grads" has no meta-gradient to compare.
+# The policies each entry point runs; "no_higher_grads" has no meta-gradient to compare.
 CTX_POLICIES = ("plain", "no_higher_grads", "first_order", "truncated", "checkpoint")
 MAML_POLICIES = ("plain", "first_order", "truncated", "checkpoint", "vectorized")
 
