@@ -148,6 +148,8 @@ def test_train_yaml_has_an_ordered_defaults_list() -> None:
         "logger",
         "callbacks",
         "_self_",
+        "debug",
+        "hparams_search",
     ]
 
 
