@@ -36,8 +36,6 @@ from metalight.run import (
 from tests.data.test_episodes import character_images, make_episodes
 
 REPO = Path(__file__).resolve().parents[1]
-OMNIGLOT_DIR = REPO.parent / "shared" / "data" / "omniglot"
-SETS = ("images_background_small1", "images_background_small2")
 
 
 class KeepModule(Callback):
@@ -48,13 +46,6 @@ class KeepModule(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert isinstance(pl_module, MetaLearningModule)
         KeepModule.kept.append(pl_module)
-
-
-@pytest.fixture(scope="module")
-def omniglot_dir() -> Path:
-    if not all((OMNIGLOT_DIR / f"{s}.zip").is_file() for s in SETS):
-        pytest.skip(f"Omniglot subsets not found: expected {SETS} zips in {OMNIGLOT_DIR}")
-    return OMNIGLOT_DIR
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +334,7 @@ def test_predict_classifies_each_query_image_from_one_example_per_class(
 )
 def test_bad_input_gets_one_line(
     trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -352,7 +344,7 @@ def test_bad_input_gets_one_line(
     run_dir, _, _, _ = trained
     support = tmp_path / "support" / "a"
     support.mkdir(parents=True)
-    (support / "x.png").write_bytes(character_images(OMNIGLOT_DIR, "Greek", "character01")[0])
+    (support / "x.png").write_bytes(character_images(omniglot_dir, "Greek", "character01")[0])
     names = {"CKPT": str(run_dir), "SUPPORT": str(tmp_path / "support"), "NOPE": "nope"}
     for key, value in names.items():
         argv = [a.replace(key, value) for a in argv]
