@@ -704,7 +704,14 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         started = time.monotonic()
-        trainer.fit(components.module, datamodule=components.datamodule, ckpt_path=ckpt_path)
+        # weights_only: a checkpoint holds tensors and plain values (checked above), and loading
+        # one must never run code a damaged or foreign file carries.
+        trainer.fit(
+            components.module,
+            datamodule=components.datamodule,
+            ckpt_path=ckpt_path,
+            weights_only=True if ckpt_path is not None else None,
+        )
         trained = True
         seconds = time.monotonic() - started
         if interrupts.signum is not None:  # came after the last step's check
