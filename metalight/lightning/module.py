@@ -854,9 +854,10 @@ class MetaLearningModule(L.LightningModule):
         else:
             meta_loss = losses.mean()
             bad = self.nan_policy != "off" and not _all_finite(grads)
-        if self.nan_policy == "skip":
-            # The loop agrees on the kept-task count with a collective; a rank that went
-            # the vectorised way would never join it, so every rank takes the same path.
+        if self.nan_policy != "off":
+            # The loop agrees on the kept-task count (skip) or on a failure (raise) with a
+            # collective; a rank that went the vectorised way would never join it, so every
+            # rank takes the same path.
             bad = self._on_any_rank(bad)
         if bad:
             # The loop names the task, step and weights (or drops the bad tasks): on this rare
@@ -878,6 +879,7 @@ class MetaLearningModule(L.LightningModule):
         accuracies: list[Tensor] = []
         n = len(batch)
         check = self.nan_policy != "off"
+        failure: NonFiniteError | None = None
         for index in range(n):
             task = batch[index]
             # The task's NaN/Inf checks (each inner loss, the final weights, the query loss,
@@ -891,7 +893,9 @@ class MetaLearningModule(L.LightningModule):
                         self._expect_finite(grads, _raise_nonfinite_meta_gradient)
             except NonFiniteError as err:
                 if self.nan_policy != "skip":
-                    raise NonFiniteError(f"task {index} of batch {batch_idx}: {err}") from err
+                    failure = NonFiniteError(f"task {index} of batch {batch_idx}: {err}")
+                    failure.__cause__ = err
+                    break
                 self._warn_skipped(index, batch_idx, err)
                 continue
             finally:
@@ -901,6 +905,16 @@ class MetaLearningModule(L.LightningModule):
             for i, g in enumerate(grads):
                 if g is not None:
                     accumulated[i] = g if accumulated[i] is None else accumulated[i] + g
+        if self.nan_policy == "raise":
+            # A rank that raised alone would leave the others waiting in the gradient
+            # all-reduce: the ranks agree on a failure (one flag reduced), and all raise.
+            if self._on_any_rank(failure is not None) and failure is None:
+                failure = NonFiniteError(
+                    f"batch {batch_idx}: another process met a non-finite value "
+                    "(nan_policy='raise'); its error names the task and the inner step"
+                )
+            if failure is not None:
+                raise failure
         kept, total = len(losses), n
         if self.nan_policy == "skip":
             # Every rank must agree on how many tasks were kept: DDP averages ranks equally,

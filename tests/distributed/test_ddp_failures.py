@@ -86,12 +86,6 @@ def launch(out: Path, job: str) -> tuple[int, str]:
     return proc.returncode, output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rank that raises alone leaves the other in the gradient all-reduce, which then "
-    "fails with gloo's 'Connection closed by peer'; the fix belongs in "
-    "MetaLearningModule.training_step (agree on the failure across ranks before backward)",
-)
 def test_a_nan_on_one_rank_stops_every_rank_with_a_nonfinite_error(tmp_path: Path) -> None:
     code, output = launch(tmp_path, "nan")
     errors = {p.name: p.read_text() for p in sorted(tmp_path.glob("error*.txt"))}
