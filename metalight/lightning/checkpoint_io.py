@@ -36,6 +36,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CorruptCheckpointError",
     "DiskFullError",
+    "as_disk_full",
     "atomic_write",
     "load_checkpoint_file",
     "verify_checkpoint",
@@ -82,6 +83,26 @@ def _free_space(directory: Path) -> str:
                 return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
             free /= 1024
     return "unknown space"
+
+
+def as_disk_full(err: BaseException, where: Path) -> DiskFullError | None:
+    """``err`` as a :class:`DiskFullError` if a full disk caused it (else ``None``), naming
+    the file when the error knows it, else the folder ``where`` the run writes.
+
+    Example:
+        >>> import errno, pathlib
+        >>> full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x/metrics.csv")
+        >>> str(as_disk_full(full, pathlib.Path("/tmp"))).split(" (")[0]
+        'no space left on the device writing /tmp/x/metrics.csv'
+        >>> as_disk_full(ValueError("no"), pathlib.Path("/tmp")) is None
+        True
+    """
+    if isinstance(err, DiskFullError):
+        return err
+    cause = _disk_full_cause(err)
+    if cause is None:
+        return None
+    return disk_full_error(Path(cause.filename) if cause.filename else where, err)
 
 
 def disk_full_error(path: Path, err: BaseException) -> DiskFullError:

@@ -34,6 +34,7 @@ from metalight.data.datamodule import SinusoidDataModule
 from metalight.lightning.checkpoint_io import (
     CorruptCheckpointError,
     DiskFullError,
+    as_disk_full,
     atomic_write,
     load_checkpoint_file,
 )
@@ -732,10 +733,14 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
                 stop, cfg, components, run_dir, start_step, time.monotonic() - started, requeue
             )
         raise
-    except BaseException:
+    except BaseException as err:
         # A run that never trained a step failed to start: it leaves no directory behind.
         if rank_zero_only.rank == 0 and (interrupt is None or interrupt.steps_done == 0):
             _remove_failed_start(run_dir)
+        # A full disk met by a logger (metrics.csv, ...) reads as "[Errno 28]" deep inside it.
+        full = as_disk_full(err, run_dir) if isinstance(err, Exception) else None
+        if full is not None and full is not err:
+            raise full from None
         raise
     results = _base_results(cfg, "train", run_dir)
     results.update(
