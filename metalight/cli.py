@@ -137,6 +137,7 @@ def _train(args: list[str], argv0: str) -> int:
         train,
     )
     from metalight.run.resources import note_created
+    from metalight.run.selection import objective
     from metalight.run.train import RunInterrupted, refuse_used_run_dir
 
     given = _value_of(args, "hydra.run.dir")
@@ -152,12 +153,13 @@ def _train(args: list[str], argv0: str) -> int:
     reset_run_dirs()
     full_argv = [argv0, "train", *args]
 
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> float | None:
         # Lightning's DDP launcher starts the other processes with sys.argv: give it the
         # whole command (with "train") rather than what Hydra parsed.
         sys.argv = full_argv
         try:
-            train(cfg)
+            # A hyperparameter search (hparams_search=...) optimises what this returns.
+            return objective(cfg, train(cfg))
         except RunInterrupted as stop:  # saved, and reported by train()
             raise SystemExit(stop.exit_code) from None
         except Exception as exc:
