@@ -1,15 +1,16 @@
 """Runs the DDP failure-mode jobs of ``test_ddp_failures.py`` in real processes (CPU, gloo).
 
-Launched as ``python tests/distributed/_ddp_failure_run.py --out DIR --job JOB`` with 2
-devices and ``DDPStrategy`` (Lightning re-launches this script for rank 1). Jobs:
+Launched as ``python tests/distributed/_ddp_failure_run.py --out DIR`` with 2 devices and
+``DDPStrategy`` (Lightning re-launches this script for rank 1); it runs two jobs, in this
+order, in the same processes:
 
-* ``nan``: MAML (``nan_policy="raise"``) whose inner loss is NaN on rank 1 only, at the
-  second outer step. Every rank writes ``DIR/error<rank>.txt`` (``"<type>: <message>"``,
-  or ``"no error"``) and exits.
 * ``conv4``: MAML on a Conv-4 (which trains with the per-task loop, never the vectorised
-  step) for a few outer steps; every rank writes ``DIR/rank<rank>.pt`` (the gradient
-  buckets DDP reduced per step, see ``_ddp_run.Recorder``), ``DIR/path<rank>.txt`` (which
-  meta-step ran) and ``DIR/params<rank>.pt`` (its final meta-parameters).
+  step) for a few outer steps; every rank writes ``DIR/conv4/rank<rank>.pt`` (the gradient
+  buckets DDP reduced per step, see ``_ddp_run.Recorder``), ``DIR/conv4/path<rank>.txt``
+  (which meta-step ran) and ``DIR/conv4/params<rank>.pt`` (its final meta-parameters).
+* ``nan`` (last: it ends the processes): MAML (``nan_policy="raise"``) whose inner loss is
+  NaN on rank 1 only, at the second outer step. Every rank writes
+  ``DIR/nan/error<rank>.txt`` (``"<type>: <message>"``, or ``"no error"``) and exits.
 """
 
 import argparse
@@ -91,13 +92,10 @@ def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--job", choices=["nan", "conv4"], required=True)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.job == "nan":
-        run_nan(args.out)
-    else:
-        run_conv4(args.out)
+    for job, run in (("conv4", run_conv4), ("nan", run_nan)):
+        (args.out / job).mkdir(parents=True, exist_ok=True)
+        run(args.out / job)
 
 
 if __name__ == "__main__":

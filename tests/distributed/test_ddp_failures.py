@@ -6,7 +6,7 @@
 * The per-task loop (every convolutional model; the DDP tests of ``test_ddp.py`` use an MLP,
   which takes the vectorised step) must reduce the meta-gradient exactly once per step.
 
-Each test launches ``_ddp_failure_run.py`` once (see its docstring).
+Both read one launch of ``_ddp_failure_run.py`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ STEPS = 3
 TIMEOUT_S = 120
 
 
-def launch(out: Path, job: str) -> tuple[int, str]:
-    """Runs ``_ddp_failure_run.py --job JOB``; returns its exit status and output.
+def launch(out: Path) -> tuple[int, str]:
+    """Runs ``_ddp_failure_run.py``; returns its exit status and output.
 
     The launch gets its own process group, so a hang is ended by killing every rank (Lightning
     starts rank 1 as a child of rank 0) before the test fails.
@@ -63,7 +63,7 @@ def launch(out: Path, job: str) -> tuple[int, str]:
         MASTER_PORT=str(_free_port()),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--job", job]
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out)]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -78,7 +78,7 @@ def launch(out: Path, job: str) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{job}: the ranks hung (no exit in {TIMEOUT_S} s):\n{output[-4000:]}")
+        pytest.fail(f"the ranks hung (no exit in {TIMEOUT_S} s):\n{output[-4000:]}")
     finally:
         # Rank 1 may outlive rank 0; never leave it behind.
         with contextlib.suppress(ProcessLookupError):
@@ -86,9 +86,18 @@ def launch(out: Path, job: str) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def test_a_nan_on_one_rank_stops_every_rank_with_a_nonfinite_error(tmp_path: Path) -> None:
-    code, output = launch(tmp_path, "nan")
-    errors = {p.name: p.read_text() for p in sorted(tmp_path.glob("error*.txt"))}
+@pytest.fixture(scope="module")
+def failure_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    out = tmp_path_factory.mktemp("ddp_failures")
+    code, output = launch(out)
+    return out, code, output
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_a_nonfinite_error(
+    failure_run: tuple[Path, int, str],
+) -> None:
+    out, code, output = failure_run
+    errors = {p.name: p.read_text() for p in sorted((out / "nan").glob("error*.txt"))}
     assert sorted(errors) == ["error0.txt", "error1.txt"], f"rc={code}\n{output[-4000:]}"
     for name, text in errors.items():
         assert text.startswith("NonFiniteError: "), f"{name}: {text}\n{output[-3000:]}"
@@ -98,13 +107,16 @@ def test_a_nan_on_one_rank_stops_every_rank_with_a_nonfinite_error(tmp_path: Pat
     assert code != 0
 
 
-def test_the_per_task_loop_reduces_the_meta_gradient_once_per_step(tmp_path: Path) -> None:
-    code, output = launch(tmp_path, "conv4")
-    assert code == 0, output[-4000:]
+def test_the_per_task_loop_reduces_the_meta_gradient_once_per_step(
+    failure_run: tuple[Path, int, str],
+) -> None:
+    out, _, output = failure_run
+    run = out / "conv4"
     # Conv-4 trains with the per-task loop, on both ranks.
-    assert [(tmp_path / f"path{r}.txt").read_text() for r in (0, 1)] == ["loop", "loop"]
-    assert_one_reduction_per_step(ranks(tmp_path.parent, tmp_path.name), STEPS)
-    # The reduced meta-gradient kept the replicas equal, and training moved them.
-    p0, p1 = load(tmp_path / "params0.pt"), load(tmp_path / "params1.pt")
+    paths = [(run / f"path{r}.txt").read_text() for r in (0, 1)]
+    assert paths == ["loop", "loop"], output[-4000:]
+    assert_one_reduction_per_step(ranks(out, "conv4"), STEPS)
+    # The reduced meta-gradient kept the replicas equal.
+    p0, p1 = load(run / "params0.pt"), load(run / "params1.pt")
     for name in p0:
         assert torch.equal(p0[name], p1[name]), name
