@@ -11,6 +11,8 @@ checkpoint's run directory and tests it on the test episodes.
 
 Errors in what was asked for (an unknown recipe or option, a wrong value, a missing path)
 print one line and exit with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+``SIGTERM`` and ``SIGINT`` stop a training run after saving the step in progress; it exits
+with 143 or 130 and prints the command that resumes it.
 
 Example:
     >>> from metalight.cli import main
@@ -61,6 +63,10 @@ examples:
 
 `metalight train --help` lists the config groups and their options;
 `metalight eval --help` explains eval. HYDRA_FULL_ERROR=1 shows tracebacks of errors.
+
+exit status: 0 done; 2 an error in what was asked for (one line says what); 143 (SIGTERM)
+or 130 (Ctrl-C): stopped after saving the step in progress, with the command that resumes
+it printed and recorded in results.json
 """
 
 _EVAL_HELP = """\
@@ -210,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for an error in what was asked for.
+        The exit status: 0 on success, 2 for an error in what was asked for, 143 or 130
+        when ``SIGTERM`` or ``SIGINT`` stopped training (the step in progress is saved).
 
     Example:
         >>> main(["--version"])  # doctest: +ELLIPSIS

@@ -480,7 +480,10 @@ def _resume_command(ckpt: str | None) -> str:
     if HydraConfig.initialized():
         task = OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or []
         overrides = [
-            str(o) for o in task if not str(o).lstrip("+~").startswith(("ckpt_path=", "hydra."))
+            str(o)
+            for o in task
+            # A resume runs in a new directory: the old one holds this run.
+            if not str(o).lstrip("+~").startswith(("ckpt_path=", "hydra.", "paths.run_dir="))
         ]
     if ckpt is None:
         return shlex.join(["metalight", "train", *overrides])
