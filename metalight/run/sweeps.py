@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,10 @@ def best_trial(
         >>> best_trial("none", f"sqlite:///{tempfile.mkdtemp()}/x.db") is None
         True
     """
-    import optuna
+    with warnings.catch_warnings():
+        # optuna 2.x (what the sweeper needs) on SQLAlchemy 1.4 warns once about SQLAlchemy 2.
+        warnings.filterwarnings("ignore", message=".*SQLAlchemy 2.0.*")
+        import optuna
 
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
