@@ -39,9 +39,13 @@ class DataArgumentError(ValueError):
 
 def check_positive(**values: int) -> None:
     """Raises DataArgumentError naming the first argument that is not a positive int (bools
-    rejected)."""
+    rejected).
+
+    The error lists no arguments to map: the samplers and streams check arguments of their
+    own (``num_episodes``) that are no data module's; the message names it.
+    """
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise DataArgumentError(
-                f"{name} must be a positive integer, got {value!r}; use 1 or more.", {name: None}
+                f"{name} must be a positive integer, got {value!r}; use 1 or more."
             )

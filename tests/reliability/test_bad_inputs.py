@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
@@ -46,6 +47,7 @@ from metalight.lightning.checkpoint_io import (
 )
 from metalight.lightning.strategies import check_strategy
 from metalight.models import MLP, Conv4, ResNet12, build_model
+from metalight.run import ConfigError, validate_config
 
 
 @dataclass
@@ -589,6 +591,27 @@ CASES = [
         ),
         InstantiationException,
         r"shots must be a positive integer, got 0",
+    ),
+    # A run's folders, through the Python API (train(cfg) checks them before creating any).
+    Case(
+        "run-output-dir-is-a-file",
+        lambda ctx: validate_config(
+            OmegaConf.create({"paths": {"output_dir": str(text_file(ctx.tmp / "f", "x"))}})
+        ),
+        ConfigError,
+        r"paths\.output_dir=\S*f is a file, not a folder: set paths\.output_dir to a folder "
+        r"you can write to",
+    ),
+    Case(
+        "data-cache-dir-under-a-file",
+        lambda ctx: validate_config(
+            OmegaConf.create(
+                {"data": {"cache_dir": f"{text_file(ctx.tmp / 'f', 'x')}/cache"}, "paths": {}}
+            )
+        ),
+        ConfigError,
+        r"data\.cache_dir=\S*f/cache lies under \S*f, which is a file: set data\.cache_dir to "
+        r"a folder",
     ),
     # Checkpoints.
     Case(
