@@ -65,9 +65,13 @@ class _Totals(Metric):
         self.add_state("moments", default=torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, sums: Tensor, counts: Tensor, moments: Tensor) -> None:
-        self.sums += sums.to(self.sums)
-        self.counts += counts.to(self.counts)
-        self.moments += moments.to(self.moments)
+        # New tensors, not in-place additions: under ddp_spawn the module reaches each
+        # process through torch.multiprocessing, which puts CPU tensors in shared memory,
+        # so the processes' initial states are one storage and += would count every
+        # process's episodes in each.
+        self.sums = self.sums + sums.to(self.sums)
+        self.counts = self.counts + counts.to(self.counts)
+        self.moments = self.moments + moments.to(self.moments)
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.sums, self.counts, self.moments

@@ -122,3 +122,22 @@ def test_an_empty_meta_batch_is_refused(vectorize: bool, nan_policy: Any) -> Non
 
         with pytest.raises(ValueError, match=r"the meta-batch holds no tasks"):
             vectorized_meta_loss(module, empty)
+
+
+def test_processes_sharing_the_initial_states_count_their_own_episodes() -> None:
+    # ddp_spawn sends the module through torch.multiprocessing, which puts CPU tensors in
+    # shared memory: every process starts from one storage. Updates must not write into it.
+    from metalight.lightning.metrics import EpisodeMetrics
+
+    mine, other = EpisodeMetrics(), EpisodeMetrics()
+    for name in ("sums", "counts", "moments"):
+        setattr(other.totals["val"], name, getattr(mine.totals["val"], name))
+    for _ in range(3):
+        values = {"loss_pre": torch.tensor(1.0), "loss_post": torch.tensor(0.5)}
+        mine.record("val", values, classification=False)
+    other.record(
+        "val", {"loss_pre": torch.tensor(2.0), "loss_post": torch.tensor(1.5)}, classification=False
+    )
+    assert mine.compute("val")["val/episodes"] == 3
+    assert other.compute("val")["val/episodes"] == 1
+    assert other.compute("val")["val/loss_post"] == 1.5
