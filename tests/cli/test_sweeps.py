@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalight.cli import main
 from tests.cli.conftest import TINY
@@ -94,3 +94,62 @@ def test_search_spaces_compose(compose_train: Callable[..., DictConfig]) -> None
                 "outer_optim.lr",
             }
             assert "best_checkpoint" in cfg.callbacks
+
+
+def test_submitit_local_launches_a_two_job_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="metalight[cluster]")
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["train", "-m", "hydra/launcher=local", "seed=0,1", "hydra.sweep.dir=sweep", *TRIAL]
+    )
+    assert code == 0
+    jobs = sorted(p for p in Path("sweep", ".submitit").iterdir() if p.name.isdigit())
+    assert len(jobs) == 2  # two submitit jobs, each a process of its own ...
+    results = [json.loads((Path("sweep", str(n), "results.json")).read_text()) for n in (0, 1)]
+    # ... that trained the run its overrides asked for.
+    seeds = [yaml.safe_load(Path(r["run_dir"], "config.yaml").read_text())["seed"] for r in results]
+    assert seeds == [0, 1]
+    assert results[0]["metrics"]["test/loss_post"] != results[1]["metrics"]["test/loss_post"]
+    for job in jobs:
+        assert any(job.glob("*_result.pkl"))
+
+
+def test_slurm_launcher_config_makes_a_valid_job_array(
+    tmp_path: Path, compose_train: Callable[..., DictConfig]
+) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="metalight[cluster]")
+    from hydra import compose, initialize_config_dir
+    from submitit.slurm import slurm
+
+    from metalight.run import config_dir
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}"],
+            return_hydra_config=True,
+        )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher.pop("_target_").endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.pop("submitit_folder") == f"{tmp_path}/.submitit/%j"
+    # What the launcher hands submitit, turned into the sbatch script of a job array by
+    # submitit's own code (an unknown or misspelt setting fails here).
+    generic = slurm.SlurmExecutor._equivalence_dict()
+    params = {generic.get(k, k): v for k, v in launcher.items() if v is not None}
+    params.pop("max_num_timeout")  # the executor's, not sbatch's
+    params["mem"] = f"{params['mem']}GB"
+    script = slurm._make_sbatch_string(command="true", folder=tmp_path, map_count=100, **params)
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=32GB",
+        "#SBATCH --time=720",
+        "#SBATCH --array=0-99%32",  # 100 runs, at most 32 at once
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR1@120",
+    ]:
+        assert line in script.splitlines(), line
