@@ -482,6 +482,33 @@ class FunctionalModule:
         """This view's own copies of the module's buffers."""
         return (b for _, b in self.named_buffers())
 
+    def buffer_state(self) -> list[Tensor]:
+        """The view's buffer tensors themselves, in :meth:`named_buffers` order (a new list).
+
+        With :meth:`load_buffer_state`, what lets a checkpointed unroll recompute a step on
+        the buffers that step saw, and then put back the ones the forward pass left.
+        """
+        self._require_root("buffer_state")
+        return list(self._root.buffers)
+
+    def load_buffer_state(self, buffers: Sequence[Tensor]) -> None:
+        """Make ``buffers`` (as given, not copied) the view's buffer tensors.
+
+        Raises:
+            ValueError: if their number or shapes differ from the view's buffers.
+        """
+        self._require_root("load_buffer_state")
+        root = self._root
+        buffers = list(buffers)
+        want = [tuple(b.shape) for b in root.buffers]
+        got = [tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__ for b in buffers]
+        if got != want:
+            raise ValueError(
+                f"load_buffer_state expects tensors shaped like buffer_state() ({want}, for "
+                f"{', '.join(root.layout.buffer_names) or 'no buffers'}), got {got}"
+            )
+        root.buffers[:] = buffers
+
     def copy_buffers_to_module(self) -> None:
         """Write this view's buffers (e.g. BatchNorm running statistics) into the module.
 

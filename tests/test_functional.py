@@ -437,6 +437,26 @@ def test_buffer_reassigned_in_forward_stays_in_the_view() -> None:
     assert model.calls.item() == 0
 
 
+def test_buffer_state_round_trip_and_refusal() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).double()
+    fmodel = monkeypatch(model)
+    saved = fmodel.buffer_state()
+    assert [b is c for b, c in zip(saved, fmodel.buffers(), strict=True)] == [True] * 3
+    copies = [b.clone() for b in saved]
+    fmodel(torch.randn(4, 2, dtype=torch.float64))
+    assert not torch.equal(saved[0], copies[0])  # running_mean moved in place
+    fmodel.load_buffer_state(copies)
+    # The given tensors themselves, not copies of them, and the module's own are untouched.
+    assert all(b is c for b, c in zip(fmodel.buffers(), copies, strict=True))
+    assert torch.equal(model[1].running_mean, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"load_buffer_state expects .*\[\(3,\), \(3,\), \(\)\]"):
+        fmodel.load_buffer_state(copies[:2])
+    with pytest.raises(ValueError, match="got \\['list', "):
+        fmodel.load_buffer_state([[0.0], *copies[1:]])  # type: ignore[list-item]
+    with pytest.raises(AttributeError, match="whole functional model"):
+        fmodel[1].buffer_state()
+
+
 def test_layout_follows_a_module_object_added_again() -> None:
     proj = nn.Linear(3, 3)
     model = nn.Sequential(proj, nn.Tanh())

@@ -87,6 +87,65 @@ def test_checkpointed_unroll_equals_the_plain_unroll(name: str, steps: int) -> N
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def make_stateful_model(seed: int) -> nn.Module:
+    """Buffers that every forward pass in train mode moves: BatchNorm running statistics and
+    spectral norm's power-iteration vectors (which also change the output)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(2, 8)),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.BatchNorm1d(8),
+        nn.Tanh(),
+        nn.Linear(8, 1),
+    ).double()
+
+
+def unroll_with_buffers(
+    model: nn.Module, steps: int, checkpoint: bool
+) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Meta-gradients, the view's buffers after the forward passes, and after backward."""
+    xs, ys, xq, yq = make_data(5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    ctx = metalight.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=checkpoint)
+    with ctx as (fmodel, diffopt):
+        diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), steps)
+        meta = F.mse_loss(fmodel(xq), yq)
+        forward = {n: b.clone() for n, b in fmodel.named_buffers()}
+        meta.backward()
+        after = {n: b.clone() for n, b in fmodel.named_buffers()}
+    return [p.grad.clone() for p in model.parameters()], forward, after
+
+
+def test_checkpointed_unroll_recomputes_on_the_buffers_each_step_saw() -> None:
+    model = make_stateful_model(6)
+    want, want_forward, want_after = unroll_with_buffers(copy.deepcopy(model), 4, False)
+    got, forward, after = unroll_with_buffers(copy.deepcopy(model), 4, True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # The buffers moved at every forward pass (5 of them), the recomputations moved none.
+    assert want_forward["3.num_batches_tracked"].item() == 5
+    for name in want_forward:
+        assert torch.equal(forward[name], want_forward[name]), name
+        assert torch.equal(after[name], forward[name]), f"{name} moved in backward"
+        assert torch.equal(want_after[name], want_forward[name]), name
+
+
+def test_checkpointed_unroll_leaves_a_frozen_parameter_alone() -> None:
+    model = make_model(7)
+    model[2].weight.requires_grad_(False)
+    frozen = model[2].weight.detach().clone()
+    xs, ys, _, _ = make_data(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctx = metalight.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=True)
+    with ctx as (fmodel, diffopt):
+        diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 4)
+        for t in range(5):
+            weight = list(fmodel.parameters(time=t))[2]
+            assert not weight.requires_grad, f"frozen weight requires grad at step {t}"
+            assert torch.equal(weight, frozen), f"frozen weight moved at step {t}"
+
+
 def hand_truncated_momentum(model: nn.Module, steps: int, truncate: int) -> list[Tensor]:
     """SGD with momentum, written out: first-order before the last ``truncate`` steps."""
     xs, ys, xq, yq = make_data()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -94,6 +94,26 @@ class FastWeights(Protocol):
 
     def update_params(self, params: Iterable[Tensor]) -> None:
         """Make ``params`` the latest fast weights."""
+        ...
+
+
+@runtime_checkable
+class _ViewBuffers(Protocol):
+    """A functional model whose buffers a checkpointed unroll can read and put back.
+
+    A recomputed step must see the buffers (BatchNorm running statistics, spectral norm's
+    power-iteration vectors) its forward pass saw, and must not move them again.
+    :class:`~metalight.functional.FunctionalModule` provides this; a model without it is
+    recomputed with its buffers as they are (right for a model whose forward pass does not
+    change them).
+    """
+
+    def buffer_state(self) -> list[Tensor]:
+        """The view's buffer tensors themselves (a new list, no copies)."""
+        ...
+
+    def load_buffer_state(self, buffers: Sequence[Tensor]) -> None:
+        """Make ``buffers`` (as given, no copies) the view's buffer tensors."""
         ...
 
 
@@ -233,40 +253,71 @@ class _RecomputedStep(torch.autograd.Function):
     """One inner step that keeps only its inputs and recomputes its graph in backward."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Any:
+    def forward(
+        ctx: Any,
+        run: Callable[..., tuple[Tensor, ...]],
+        n_params: int,
+        buffers: tuple[_ViewBuffers, list[Tensor]] | None,
+        *inputs: Tensor,
+    ) -> Any:
         ctx.run = run
+        # (the view, copies of its buffers as this step's forward pass found them)
+        ctx.buffers = buffers
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():
             # The forward pass needs first-order gradients only, and no graph survives it.
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
             outputs = run(leaves, create_graph=False)
+        # An autograd.Function's outputs all require grad when any input does. A fast
+        # weight that depends on nothing differentiable (a frozen parameter gets no
+        # gradient, so no update) must not, or the next step would take a gradient for it
+        # and update it. Whether a fast weight depends on anything is the same here as in
+        # the recomputation: this pass drops only the gradients' own graphs. States stay
+        # differentiable: a momentum buffer depends on the weights through the gradient's
+        # graph alone, which this pass does not build.
+        constant = [not o.requires_grad for o in outputs[:n_params]]
         outputs = tuple(o.detach() for o in outputs)
-        ctx.mark_non_differentiable(outputs[-1])
+        ctx.mark_non_differentiable(
+            outputs[-1], *[o for o, c in zip(outputs[:n_params], constant, strict=True) if c]
+        )
         return outputs
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
         inputs = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-            outputs = ctx.run(leaves, create_graph=True)[:-1]
-            pairs = [
-                (o, g)
-                for o, g in zip(outputs, grad_outputs[:-1], strict=True)
-                if o.requires_grad and g is not None
-            ]
-            wrt = [t for t in leaves if t.requires_grad]
-            found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+        view_buffers = None
+        if ctx.buffers is not None:
+            view, before = ctx.buffers
+            # The recomputation runs on copies of the buffers this step's forward pass
+            # found (its in-place updates, e.g. spectral norm's power iteration, then give
+            # what they gave), and the view gets back the buffers the forward passes left.
+            view_buffers = view.buffer_state()
+            view.load_buffer_state([b.clone() for b in before])
+        try:
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+                outputs = ctx.run(leaves, create_graph=True)[:-1]
+                pairs = [
+                    (o, g)
+                    for o, g in zip(outputs, grad_outputs[:-1], strict=True)
+                    if o.requires_grad and g is not None
+                ]
+                wrt = [t for t in leaves if t.requires_grad]
+                found = iter(
+                    torch.autograd.grad(
+                        [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+                    )
+                    if pairs and wrt
+                    else [None] * len(wrt)
                 )
-                if pairs and wrt
-                else [None] * len(wrt)
-            )
-        return (None, *[next(found) if t.requires_grad else None for t in leaves])
+        finally:
+            if view_buffers is not None:
+                view.load_buffer_state(view_buffers)
+        return (None, None, None, *[next(found) if t.requires_grad else None for t in leaves])
 
 
 def _recomputed_step(
+    fmodel: FastWeights,
     diffopt: InnerOptimizer,
     support_loss: Callable[[list[Tensor]], Tensor],
     params: list[Tensor],
@@ -296,9 +347,13 @@ def _recomputed_step(
             structure.append(new_rebuild)
         return (*new_params, *new_tensors, loss.detach())
 
+    buffers = None
+    if isinstance(fmodel, _ViewBuffers) and (found := fmodel.buffer_state()):
+        # One copy of the buffers per step, for the recomputation in the backward pass.
+        buffers = (fmodel, [b.detach().clone() for b in found])
     # autograd.Function.apply is untyped in torch's stubs.
     outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
-        run, *params, *state_tensors, *hyper_tensors
+        run, n, buffers, *params, *state_tensors, *hyper_tensors
     )
     return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
 
@@ -328,7 +383,7 @@ def _pure_unroll(
         # pass rather than rebuilt, which saves one recomputation at one step's memory.
         if checkpoint and step < steps - 1:
             params, states, detached = _recomputed_step(
-                diffopt, support_loss, params, states, hypers, first_order
+                fmodel, diffopt, support_loss, params, states, hypers, first_order
             )
             if on_loss is not None:
                 on_loss(detached, step)
@@ -377,11 +432,15 @@ def checkpointed_unroll(
     that keeps only its inputs (fast weights, optimizer state, tensor hyperparameters): the
     forward pass builds no second-order graph for it, and the backward pass rebuilds one
     step's graph at a time. The last step keeps its graph, as the backward pass needs it
-    first. Peak memory is about two steps' graphs plus ``steps`` copies of the fast weights
-    and optimizer state; time about one extra forward-and-gradient pass per step.
+    first. Peak memory is about two steps' graphs plus ``steps`` copies of the fast weights,
+    optimizer state and buffers; time about one extra forward-and-gradient pass per step.
     The meta-gradient equals the plain unroll's. Higher-order derivatives of the meta-loss
-    (a gradient of the meta-gradient) are not available through it, and running BatchNorm
-    statistics are updated again when a step is recomputed.
+    (a gradient of the meta-gradient) are not available through it. A step is recomputed
+    on copies of the buffers its forward pass saw (kept per step: BatchNorm running
+    statistics, spectral norm's power-iteration vectors), so buffers that a forward pass
+    updates in place give the plain unroll's meta-gradient, and the backward pass leaves the
+    view's buffers as the forward passes left them. A parameter that does not require grad
+    (frozen) is not updated, as by ``torch.optim``.
 
     Args:
         fmodel: the functional model; its fast weights are advanced.

@@ -70,23 +70,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
             ("spectral_norm", "aten::div.out in its power iteration"),
         )
     },
-    **{
-        ("spectral_norm", "checkpoint", entry): (
-            "the checkpointed unroll runs each step's forward again in the backward pass; "
-            "spectral_norm's power iteration (train mode) advances the view's u/v buffers in "
-            "place on every forward, so the recomputed step uses other u/v than the forward "
-            "did and the meta-gradient is wrong (metalight/unroll.py checkpointed_unroll: "
-            "restore the view's buffers for the recomputation)"
-        )
-        for entry in ("innerloop_ctx", "MAML")
-    },
-    ("frozen", "checkpoint", "innerloop_ctx"): (
-        "checkpointed_unroll: every output of _RecomputedStep requires grad (an "
-        "autograd.Function's outputs do when any input does), so the fast weight of a frozen "
-        "parameter (requires_grad=False) leaves the first recomputed step requiring grad and "
-        "the inner optimizer updates it from step 2 on; torch.optim never touches it "
-        "(metalight/unroll.py)"
-    ),
 }
 
 
