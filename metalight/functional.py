@@ -179,7 +179,8 @@ def _swapped(layout: _Layout, params: Sequence[Tensor], buffers: list[Tensor]) -
             module = slot.module()
             if module is None:
                 raise RuntimeError("a submodule of the functional view's module was deleted")
-            table = module._parameters if slot.is_param else module._buffers
+            # _parameters holds Parameters by type, but a view puts plain tensors there.
+            table: dict[str, Any] = module._parameters if slot.is_param else module._buffers
             value = params[slot.index] if slot.is_param else buffers[slot.index]
             saved.append((table, slot.name, table[slot.name]))
             table[slot.name] = value
@@ -332,6 +333,11 @@ class FunctionalModule:
         >>> len(list(fnet.parameters(time=0))), len(fnet.fast_params)
         (4, 4)
     """
+
+    # Set with object.__setattr__ (the view's own __setattr__ assigns fast weights); declared
+    # here so that their types are known rather than those of __getattr__.
+    _root: _Root
+    _prefix: str
 
     def __init__(self, root: _Root, prefix: str = "") -> None:
         object.__setattr__(self, "_root", root)
@@ -731,7 +737,8 @@ def functional_call(
         True
     """
     layout, own_params, own_buffers = _layout(module)
-    params = list(own_params)
+    # ``tensors`` may map a name to None (a buffer: normalise with batch statistics only).
+    params: list[Any] = list(own_params)
     buffers: list[Any] = list(own_buffers)
     for name, value in tensors.items():
         index = layout.aliases.get(name)
