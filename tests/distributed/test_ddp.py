@@ -247,13 +247,6 @@ def test_ddp_spawn_gives_the_one_process_meta_parameters(spawn_run: Path, single
     assert_same_params(result(spawn_run, "maml")["params"], result(single_run, "maml")["params"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under ddp_spawn the evaluation counts are twice the episodes evaluated "
-    "(val/episodes 16 for 8, though each rank's stream holds its 4 and the means agree); the "
-    "fix belongs where EpisodeMetrics' totals are synced and logged "
-    "(metalight/lightning/metrics.py, module.py)",
-)
 def test_ddp_spawn_validation_metrics_match_one_process(spawn_run: Path, single_run: Path) -> None:
     records = ranks(spawn_run, "maml")
     (one,) = ranks(single_run, "maml")
