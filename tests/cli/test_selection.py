@@ -106,3 +106,19 @@ def test_auto_monitor_follows_the_data(compose_train: Callable[..., DictConfig])
         "max",
     )
     assert resolve_monitor(compose_train([]), "val/acc_pre", "auto") == ("val/acc_pre", "max")
+
+
+def test_a_search_metric_the_run_lacks_is_one_clear_line() -> None:
+    from omegaconf import OmegaConf
+
+    from metalight.run.errors import ConfigError
+    from metalight.run.selection import objective
+
+    cfg = OmegaConf.create({"optimized_metric": "val/acc_post"})
+    assert objective(OmegaConf.create({}), {"metrics": {"test/loss_post": 1.0}}) is None
+    with pytest.raises(ConfigError) as error:
+        objective(cfg, {"metrics": {"test/loss_post": 1.0}})
+    message = str(error.value)
+    assert "\n" not in message
+    assert "optimized_metric=val/acc_post was not produced by this run" in message
+    assert "callbacks.best_checkpoint.monitor=val/acc_post" in message
