@@ -4,14 +4,16 @@ This module sits below the stateful optimizers (:mod:`metalight.optim.differenti
 imports it, never the reverse): the loop knows an optimizer only through the small
 :class:`InnerOptimizer` protocol and a functional model only through :class:`FastWeights`.
 
-Two paths, one step each:
+:func:`run_unroll` picks one of two loops, one step each:
 
-- Built-in optimizers (``supports_pure_step``): the loop carries ``(params, states)``
-  through the optimizer's one pure step (:meth:`InnerOptimizer.pure_step`), reading the
-  state once before the first step and storing it once after the last. A checkpointed
-  unroll wraps the same pure step in a node that recomputes it in the backward pass.
-- Custom optimizers written for higher (a stateful ``_update``): one
-  :meth:`InnerOptimizer.inner_step` per step.
+- ``_pure_step_loop``, for built-in optimizers (``supports_pure_step``): it carries
+  ``(params, states)`` through the optimizer's one pure step
+  (:meth:`InnerOptimizer.pure_step`), reading the state once before the first step and
+  storing it once after the last. A checkpointed unroll (:func:`checkpointed_unroll`)
+  wraps the same pure step in a node that recomputes it in the backward pass
+  (``_recomputed_step``), on the view's buffers as that step saw them.
+- ``_stateful_step_loop``, for custom optimizers written for higher (a stateful
+  ``_update``): one :meth:`InnerOptimizer.inner_step` per step.
 """
 
 from __future__ import annotations
@@ -358,7 +360,7 @@ def _recomputed_step(
     return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
 
 
-def _pure_unroll(
+def _pure_step_loop(
     fmodel: FastWeights,
     diffopt: InnerOptimizer,
     support_loss: Callable[[list[Tensor]], Tensor],
@@ -404,6 +406,34 @@ def _pure_unroll(
         if after_step is not None:
             after_step(step + 1)
     diffopt.store_group_states(states, params)
+
+
+def _stateful_step_loop(
+    fmodel: FastWeights,
+    diffopt: InnerOptimizer,
+    support_loss: Callable[[list[Tensor]], Tensor],
+    steps: int,
+    *,
+    first_order_at: Callable[[int], bool],
+    override: StepOverride | None,
+    on_loss: Callable[[Tensor, int], None] | None,
+    after_step: Callable[[int], None] | None,
+) -> None:
+    """The loop of custom optimizers (higher's in-place ``_update``): one stateful step each.
+
+    No checkpointing: a recomputed step would run ``_update`` twice (see _refuse_stateful).
+    """
+    for step in range(steps):
+        loss = support_loss(fmodel.fast_params or [])
+        if on_loss is not None:
+            on_loss(loss.detach(), step)
+        diffopt.inner_step(
+            loss,
+            override=None if override is None else override(step),
+            first_order=first_order_at(step),
+        )
+        if after_step is not None:
+            after_step(step + 1)
 
 
 def _refuse_stateful(diffopt: InnerOptimizer) -> None:
@@ -472,7 +502,7 @@ def checkpointed_unroll(
         torch.Size([1, 2])
     """
     _refuse_stateful(diffopt)
-    _pure_unroll(
+    _pure_step_loop(
         fmodel,
         diffopt,
         support_loss,
@@ -547,7 +577,7 @@ def run_unroll(
         return not create_graph or policy.first_order_at(step, steps)
 
     if diffopt.supports_pure_step:
-        _pure_unroll(
+        _pure_step_loop(
             fmodel,
             diffopt,
             support_loss,
@@ -558,15 +588,14 @@ def run_unroll(
             on_loss=on_loss,
             after_step=after_step,
         )
-        return
-    for step in range(steps):
-        loss = support_loss(fmodel.fast_params or [])
-        if on_loss is not None:
-            on_loss(loss.detach(), step)
-        diffopt.inner_step(
-            loss,
-            override=None if override is None else override(step),
-            first_order=first_order_at(step),
+    else:
+        _stateful_step_loop(
+            fmodel,
+            diffopt,
+            support_loss,
+            steps,
+            first_order_at=first_order_at,
+            override=override,
+            on_loss=on_loss,
+            after_step=after_step,
         )
-        if after_step is not None:
-            after_step(step + 1)
