@@ -31,7 +31,9 @@ def _kept_bytes(checkpoint: bool, steps: int) -> int:
     g = torch.Generator().manual_seed(0)
     batches = [
         InnerBatch(
-            torch.randn(512, 16, generator=g), torch.randint(0, 10, (512,)), torch.arange(512)
+            torch.randn(512, 16, generator=g),
+            torch.randint(0, 10, (512,), generator=g),
+            torch.arange(512),
         )
         for _ in range(steps)
     ]
