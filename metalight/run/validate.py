@@ -330,7 +330,10 @@ def _check_optimizers(cfg: DictConfig) -> None:
             built[group] = instantiate(node, _convert_="all")(argument)
         except (InstantiationException, ValueError, TypeError, KeyError, IndexError) as err:
             cause = err.__cause__ if isinstance(err, InstantiationException) else err
-            detail = " ".join(str(cause or err).split())
+            cause = cause or err
+            # A KeyError's text is the repr of its argument: quotes and escaped newlines.
+            text = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+            detail = " ".join(str(text).split())
             raise ConfigError(
                 f"{group} ({node['_target_']}) refuses its values: {detail}; fix the "
                 f"{group}.* value it names"

@@ -252,6 +252,8 @@ def test_ddp_spawn_validation_metrics_match_one_process(spawn_run: Path, single_
     (one,) = ranks(single_run, "maml")
     for rank in records:
         for got, want in zip(rank["val"], one["val"], strict=True):
+            # Each episode counted once: spawned processes once shared one metric storage.
+            assert got["metrics"]["val/episodes"] == EPISODES
             assert_same_metrics(got["metrics"], want["metrics"])
 
 

@@ -806,10 +806,10 @@ CLI_CASES = [
         [
             "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
             "+scheduler._partial_=true",
-            "+scheduler.step_size=2",
-            "+scheduler.last_epoch=-5",
+            "+scheduler.step_sze=2",
         ],
-        r"scheduler \(torch\.optim\.lr_scheduler\.StepLR\) refuses its values: ",
+        r"scheduler \(torch\.optim\.lr_scheduler\.StepLR\) refuses its values: .*unexpected "
+        r"keyword argument 'step_sze'; fix the scheduler\.\* value it names",
     ),
     CliCase(
         "cache-dir-is-a-file",
