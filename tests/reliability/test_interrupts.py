@@ -1,6 +1,8 @@
 """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) save the step in progress, write
 what the run has, print the resume command and exit 143 / 130; the resume then finishes
-bitwise as the uninterrupted run does. Every run is the real ``metalight train`` process.
+bitwise as the uninterrupted run does; with ``trainer=slurm``, SIGUSR1 also requeues the job
+and the requeued job resumes by itself. Every run is the real ``metalight train`` process;
+the stopped runs and the reference run side by side, then the resumes side by side.
 
 The signal is sent by the process itself, through the test hook ``METALIGHT_TEST_SIGNAL_AT_STEP``
 (``STEP[:SIGNAL]``: the signal arrives while meta-iteration STEP trains), at a step drawn at
@@ -16,6 +18,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,20 @@ ARGS = [
     "trainer.log_every_n_steps=1",
 ]
 SEED = int(time.time())
-STOPS = dict(zip(("SIGTERM", "SIGINT"), random.Random(SEED).sample(range(1, STEPS), 2)))
+STOPS = dict(
+    zip(("SIGTERM", "SIGINT", "SIGUSR1"), random.Random(SEED).choices(range(1, STEPS), k=3))
+)
+CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 128 + int(signal.SIGUSR1)}
+
+
+@dataclass
+class Done:
+    """A finished ``metalight`` process: where it ran and what it said."""
+
+    cwd: Path
+    status: int
+    out: str
+    err: str
 
 
 def the_run(parent: Path) -> Path:
@@ -55,29 +71,79 @@ def final_state(run_dir: Path) -> dict:
     return {k: checkpoint[k] for k in ("global_step", "state_dict", "optimizer_states")}
 
 
+def slurm_env(tmp: Path) -> dict[str, str]:
+    """A SLURM job's environment, with a stand-in ``scontrol`` that records its arguments
+    (SLURM is not here; Lightning's SLURMEnvironment, the signal and the resume are real)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "meta",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+
+
+def _run_all(jobs: dict[str, tuple[Path, list[str], dict[str, str]]]) -> dict[str, Done]:
+    started = {name: (cwd, start_cli(args, cwd, env)) for name, (cwd, args, env) in jobs.items()}
+    return {name: Done(cwd, *finish_cli(proc, cwd)) for name, (cwd, proc) in started.items()}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, str, str]]:
-    """The uninterrupted run and one run stopped by each signal, started side by side."""
-    started = {}
-    for name in ("reference", *STOPS):
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
+    """The uninterrupted run and one run stopped by each signal, side by side; then, side by
+    side, their resumes (``NAME/resume``): the printed command, or for SLURM the same
+    command in the same job (the requeued job)."""
+    first: dict[str, tuple[Path, list[str], dict[str, str]]] = {
+        "reference": (tmp_path_factory.mktemp("reference"), ARGS, {})
+    }
+    for name, step in STOPS.items():
         cwd = tmp_path_factory.mktemp(name)
-        env = {SIGNAL_AT_STEP_ENV: f"{STOPS[name]}:{name}"} if name in STOPS else {}
-        started[name] = (cwd, start_cli(ARGS, cwd, env))
-    done = {}
-    for name, (cwd, proc) in started.items():
-        done[name] = (cwd, *finish_cli(proc, cwd))
+        env = {SIGNAL_AT_STEP_ENV: f"{step}:{name}"}
+        args = ARGS
+        if name == "SIGUSR1":
+            env.update(slurm_env(cwd))
+            args = [*ARGS, "trainer=slurm"]
+        first[name] = (cwd, args, env)
+    done = _run_all(first)
+    second: dict[str, tuple[Path, list[str], dict[str, str]]] = {}
+    for name in STOPS:
+        cwd = done[name].cwd
+        if name == "SIGUSR1":
+            second[f"{name}/resume"] = (cwd, first[name][1], slurm_env(cwd))
+            continue
+        try:
+            results = json.loads((the_run(cwd) / "results.json").read_text())
+            resume = shlex.split(results["interrupted"]["resume"])
+        except (OSError, ValueError, KeyError):
+            continue  # the test of this signal reports why
+        second[f"{name}/resume"] = (cwd / "resume", resume[1:], {})
+    done.update(_run_all(second))
     return done
 
 
-@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def assert_matches_the_reference(runs: dict[str, Done], resumed_dir: Path, where: str) -> None:
+    reference = runs["reference"]
+    assert reference.status == 0, reference.err[-3000:]
+    want = the_run(reference.cwd)
+    assert_identical(final_state(resumed_dir), final_state(want), where)
+    got_results = json.loads((resumed_dir / "results.json").read_text())
+    want_results = json.loads((want / "results.json").read_text())
+    assert got_results["metrics"] == want_results["metrics"], where
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_step_and_the_resume_ends_bitwise_as_the_uninterrupted_run(
-    runs: dict[str, tuple[Path, int, str, str]], name: str, code: int
+    runs: dict[str, Done], name: str
 ) -> None:
     where = f"{name} while training step {STOPS[name]} (seed {SEED})"
-    cwd, status, out, err = runs[name]
-    assert status == code, f"{where}: exit {status}\n{err[-3000:]}"
-    assert "Traceback" not in err, where
-    run_dir = the_run(cwd)
+    stopped = runs[name]
+    assert stopped.status == CODES[name], f"{where}: exit {stopped.status}\n{stopped.err[-3000:]}"
+    assert "Traceback" not in stopped.err, where
+    run_dir = the_run(stopped.cwd)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == STOPS[name], where
     # What the run has is written: the metrics CSV up to the step, and the results.
@@ -92,26 +158,41 @@ def test_a_signal_saves_the_step_and_the_resume_ends_bitwise_as_the_uninterrupte
     # The exact command to resume, printed and recorded.
     resume = interrupted["resume"]
     assert resume == shlex.join(["metalight", *ARGS, f"ckpt_path={checkpoint.resolve()}"])
-    assert f"resume with: {resume}" in err and f"resume    {resume}" in out
+    assert f"resume with: {resume}" in stopped.err and f"resume    {resume}" in stopped.out
     assert not (run_dir / "sinusoid_tasks.png").exists()
 
-    resumed = start_cli([*shlex.split(resume)[1:]], cwd / "resume")
-    status, out, err = finish_cli(resumed, cwd / "resume")
-    assert status == 0, f"{where}: resume failed\n{err[-3000:]}"
+    resumed = runs[f"{name}/resume"]
+    assert resumed.status == 0, f"{where}: resume failed\n{resumed.err[-3000:]}"
     done = STEPS - STOPS[name]
     plural = "" if done == 1 else "s"
-    assert f"trained   {done} meta-iteration{plural} in " in out
-    assert f"(resumed at {STOPS[name]}: {STEPS} in total)" in out
-    resumed_dir = the_run(cwd / "resume")
-    reference = the_run(runs["reference"][0])
-    assert runs["reference"][1] == 0, runs["reference"][3][-3000:]
-    assert_identical(final_state(resumed_dir), final_state(reference), where)
+    assert f"trained   {done} meta-iteration{plural} in " in resumed.out
+    assert f"(resumed at {STOPS[name]}: {STEPS} in total)" in resumed.out
+    resumed_dir = the_run(resumed.cwd)
+    assert_matches_the_reference(runs, resumed_dir, where)
     got = json.loads((resumed_dir / "results.json").read_text())
-    want = json.loads((reference / "results.json").read_text())
-    assert got["metrics"] == want["metrics"], where
-    assert (
-        got["steps"] == STEPS and got["steps_this_run"] == done and got["start_step"] == STOPS[name]
-    )
+    assert got["steps"] == STEPS and got["steps_this_run"] == done
+    assert got["start_step"] == STOPS[name]
+
+
+def test_trainer_slurm_requeues_itself_and_the_requeued_job_resumes_bitwise(
+    runs: dict[str, Done],
+) -> None:
+    where = f"SIGUSR1 while training step {STOPS['SIGUSR1']} (seed {SEED})"
+    stopped = runs["SIGUSR1"]
+    assert stopped.status == CODES["SIGUSR1"], f"{where}: exit {stopped.status}\n{stopped.err}"
+    assert (stopped.cwd / "scontrol.log").read_text() == "requeue 4242\n"
+    first = runs["SIGUSR1/resume"]
+    assert first.status == 0, f"{where}: requeued run failed\n{first.err[-3000:]}"
+    stopped_dir, resumed_dir = sorted((stopped.cwd / "runs").iterdir())
+    results = json.loads((stopped_dir / "results.json").read_text())
+    assert results["slurm_job_id"] == "4242" and results["interrupted"]["requeued"] is True
+    assert results["interrupted"]["requeue"] == "requeued SLURM job 4242"
+    # The requeued job ran the same command (no ckpt_path) and found where to resume.
+    ckpt = stopped_dir / "checkpoints" / "last.ckpt"
+    assert f"SLURM job 4242 was requeued: resuming from {ckpt}" in first.out
+    assert_matches_the_reference(runs, resumed_dir, where)
+    got = json.loads((resumed_dir / "results.json").read_text())
+    assert got["start_step"] == STOPS["SIGUSR1"] and got["steps"] == STEPS
 
 
 def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_again(
@@ -129,44 +210,3 @@ def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_agai
     assert results["interrupted"]["resume"] == shlex.join(["metalight", *ARGS])
     assert not list(run_dir.glob("checkpoints/*.ckpt"))
     assert "nothing to save yet" in capsys.readouterr().out
-
-
-def test_trainer_slurm_requeues_itself_and_the_requeued_job_resumes_bitwise(
-    runs: dict[str, tuple[Path, int, str, str]], tmp_path: Path
-) -> None:
-    # SLURM is not here: a stand-in scontrol records the requeue. Everything else is real:
-    # Lightning's SLURMEnvironment(auto_requeue=True), the signal, the save and the resume.
-    stop = random.Random(SEED + 1).randrange(1, STEPS)
-    where = f"SIGUSR1 while training step {stop} (seed {SEED})"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    scontrol.chmod(0o755)
-    slurm = {
-        "SLURM_JOB_ID": "4242",
-        "SLURM_NTASKS": "1",
-        "SLURM_JOB_NAME": "meta",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-    }
-    args = [*ARGS, "trainer=slurm"]
-    first = start_cli(args, tmp_path, {**slurm, SIGNAL_AT_STEP_ENV: f"{stop}:SIGUSR1"}, "first")
-    status, _, err = finish_cli(first, tmp_path, "first")
-    assert status == 128 + signal.SIGUSR1, f"{where}: exit {status}\n{err[-3000:]}"
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    (stopped,) = (tmp_path / "runs").iterdir()
-    results = json.loads((stopped / "results.json").read_text())
-    assert results["slurm_job_id"] == "4242" and results["interrupted"]["requeued"] is True
-    assert results["interrupted"]["requeue"] == "requeued SLURM job 4242"
-
-    # The requeued job: the same command and job id, and no ckpt_path.
-    second = start_cli(args, tmp_path, slurm, "second")
-    status, out, err = finish_cli(second, tmp_path, "second")
-    assert status == 0, f"{where}: requeued run failed\n{err[-3000:]}"
-    assert f"SLURM job 4242 was requeued: resuming from {stopped}/checkpoints/last.ckpt" in out
-    (resumed,) = [p for p in (tmp_path / "runs").iterdir() if p != stopped]
-    reference = the_run(runs["reference"][0])
-    assert_identical(final_state(resumed), final_state(reference), where)
-    got = json.loads((resumed / "results.json").read_text())
-    assert got["metrics"] == json.loads((reference / "results.json").read_text())["metrics"]
-    assert got["start_step"] == stop and got["steps"] == STEPS
