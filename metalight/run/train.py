@@ -241,11 +241,13 @@ def _save(run_dir: Path, results: dict[str, Any]) -> None:
 
 
 class RunInterrupted(Exception):
-    """``SIGTERM`` or ``SIGINT`` stopped a run; the current step is saved to resume from.
+    """``SIGTERM`` or ``SIGINT`` (or, with ``trainer=slurm``, the requeue signal ``SIGUSR1``)
+    stopped a run; the step in progress is saved to resume from.
 
     Attributes:
         signum: the signal.
-        exit_code: the conventional status of a process stopped by it (143, 130).
+        exit_code: the conventional status of a process stopped by it (143, 130; 128 + the
+            signal's number for others).
         step: the meta-iterations done in total when it stopped.
         checkpoint: the checkpoint that resumes the run (``None``: start again).
         phase: what the run was doing (``"training"``, ``"testing"``, ...).
@@ -298,7 +300,7 @@ class _Interrupts:
             return
         self.signum = signum
         again = (
-            " (Ctrl-C again stops at once, losing the current step)"
+            " (Ctrl-C again stops at once, losing the steps since the last checkpoint)"
             if signum == signal.SIGINT
             else ""
         )
