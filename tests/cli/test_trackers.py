@@ -130,3 +130,17 @@ def test_every_tracker_holds_the_config_and_the_final_metrics(
 
     # CSV, as before.
     assert Path(trackers["csv"]["metrics"]).is_file()
+
+
+def test_many_is_every_tracker(compose_train: Callable[..., DictConfig]) -> None:
+    many = compose_train(["logger=many"]).logger
+    listed = compose_train(["logger=[csv,tensorboard,wandb,mlflow]"]).logger
+    assert many == listed
+    assert [node._target_.rsplit(".", 1)[-1] for node in many.values()] == [
+        "CSVLogger",
+        "TensorBoardLogger",
+        "WandbLogger",
+        "MLFlowLogger",
+    ]
+    assert many.wandb.offline is True
+    assert str(many.mlflow.tracking_uri).startswith("sqlite:///")
