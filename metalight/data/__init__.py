@@ -19,6 +19,7 @@ from metalight.data.datamodule import (
     TaskDataModule,
 )
 from metalight.data.dataset import DatasetSplits, FewShotDataset
+from metalight.data.digits import DigitsDataModule, NoisyDigitsDataModule
 from metalight.data.download import download_file, md5sum
 from metalight.data.episodes import (
     ClassFolder,
@@ -60,6 +61,7 @@ __all__ = [
     "ClassFolder",
     "ClassIndexedDataset",
     "DatasetSplits",
+    "DigitsDataModule",
     "EpisodesDataModule",
     "EpisodicDataModule",
     "EpisodicSampler",
@@ -71,6 +73,7 @@ __all__ = [
     "ImageTransform",
     "MiniImageNet",
     "MiniImageNetDataModule",
+    "NoisyDigitsDataModule",
     "Omniglot",
     "OmniglotDataModule",
     "OmniglotTransform",
