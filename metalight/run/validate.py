@@ -220,19 +220,24 @@ def _check_root(cfg: DictConfig, data_class: str) -> None:
 
 def _check_held_out_roots(cfg: DictConfig) -> None:
     # Without these folders the run would fail after its first epoch (validation) or after
-    # all of training (test): refuse now, with the key to set.
+    # all of training (test): a forgotten folder is refused now, with the key to set; null
+    # is the explicit "no held-out classes" (train skips that split and says so).
     for split, uses in (("val", "validation after every epoch"), ("test", "the final test")):
         key = f"data.{split}_root"
-        value = _get(cfg, key)
-        if value in (None, _ABSENT, ""):
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=True)
+        except MissingMandatoryValue:
+            value = _ABSENT
+        if value is _ABSENT or value == "":
             if split == "val" and _get(cfg, "trainer.limit_val_batches") == 0:
                 continue
-            skip = " (or trainer.limit_val_batches=0 to train without validation)"
             raise ConfigError(
                 f"{key} is not set: data=image_folder needs held-out classes for {uses}; "
-                f"add {key}=PATH, a folder of class folders other than data.train_root"
-                f"{skip if split == 'val' else ''}"
+                f"add {key}=PATH, a folder of class folders other than data.train_root, or "
+                f"{key}=null to train on every class without {uses}"
             )
+        if value is None:
+            continue
         if not Path(str(value)).expanduser().is_dir():
             raise ConfigError(
                 f"{key}={value} does not exist (looked in {Path(str(value)).resolve()}); set "

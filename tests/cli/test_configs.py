@@ -207,7 +207,10 @@ def test_image_models_build_for_omniglot(model: str, compose_train) -> None:
     [
         (["data=omniglot"], "OmniglotDataModule"),
         (["data=mini_imagenet"], "MiniImageNetDataModule"),
-        (["data=image_folder", "data.train_root=somewhere"], "ImageFolderDataModule"),
+        (
+            ["data=image_folder", "data.train_root=a", "data.val_root=b", "data.test_root=null"],
+            "ImageFolderDataModule",
+        ),
         (["data=episodes", "data.root=somewhere"], "EpisodesDataModule"),
         ([], "SinusoidDataModule"),
     ],

@@ -9,6 +9,7 @@ append a row; ``ctx.tmp`` is a fresh folder and ``ctx.checkpoint`` a small saved
 from __future__ import annotations
 
 import functools
+import json
 import re
 import warnings
 import zipfile
@@ -742,12 +743,12 @@ CLI_CASES = [
         "image-folder-without-test-root",
         [*FOLDERS, "data.val_root={data}"],
         r"data\.test_root is not set: data=image_folder needs held-out classes for the final "
-        r"test; add data\.test_root=PATH",
+        r"test; add data\.test_root=PATH.*or data\.test_root=null",
     ),
     CliCase(
         "image-folder-without-val-root",
         [*FOLDERS, "data.test_root={data}"],
-        r"data\.val_root is not set: .*add data\.val_root=PATH.*trainer\.limit_val_batches=0",
+        r"data\.val_root is not set: .*add data\.val_root=PATH.*or data\.val_root=null",
     ),
     CliCase(
         "devices-with-strategy-auto-not-dividing-the-meta-batch",
@@ -1071,3 +1072,22 @@ def test_data_layer_messages_do_not_quote_the_command_line() -> None:
             if isinstance(text, str) and id(node) not in docstrings and _COMMAND_WORDS.search(text):
                 offenders.append(f"{path.name}:{node.lineno}: {node.value!r}")
     assert offenders == []
+
+
+def test_image_folder_with_null_held_out_roots_trains_on_every_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # null is the explicit "no held-out classes": the run trains, skips validation and test,
+    # and says so, where a forgotten root is refused (the cases above).
+    from metalight.cli import main
+
+    data = image_folder(tmp_path / "data", classes=2, per_class=2)
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(data=data) for a in FOLDERS]
+    argv = ["train", *TINY, "logger=none", "paths.output_dir=runs", *args]
+    code = main([*argv, "data.val_root=null", "data.test_root=null"])
+    out, err = capsys.readouterr()
+    assert code == 0, f"exit status {code}\n{out}\n{err}"
+    assert "validation and test skipped" in out + err
+    (results,) = (tmp_path / "runs").rglob("results.json")
+    assert json.loads(results.read_text())["skipped_splits"] == ["val", "test"]
