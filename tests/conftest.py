@@ -22,6 +22,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+# Registered here, before any test module is collected: other directories (tests/bilevel)
+# import these helpers too, and a later registration would come after that import.
+pytest.register_assert_rewrite("tests.reliability._helpers")
+
 # The test models are tiny: on a 2-core machine intra-op threads only add hand-off latency
 # (measured here: a 10-task MLP meta-step took 160 ms with 2 threads, 22 ms with 1).
 torch.set_num_threads(1)

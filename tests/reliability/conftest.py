@@ -1,5 +1,1 @@
-"""The reliability tests' helpers report failures with pytest's detailed assertions."""
-
-import pytest
-
-pytest.register_assert_rewrite("tests.reliability._helpers")
+"""The reliability tests' helpers get pytest's detailed assertions: see tests/conftest.py."""
