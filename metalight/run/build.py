@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from metalight.bilevel.module import BilevelModule
 from metalight.lightning.checkpoint_io import AtomicCheckpointIO
 from metalight.lightning.module import MetaLearningModule
+from metalight.run.errors import ConfigError
 from metalight.run.selection import resolve_monitor
 from metalight.run.tracking import log_config
 
@@ -84,8 +85,15 @@ def _targets(node: DictConfig | None) -> list[tuple[str, DictConfig]]:
     return [(str(k), v) for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+# Trackers whose Lightning logger needs an optional package (the `trackers` extra).
+_TRACKER_PACKAGES = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}
+
+
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     """The loggers of ``cfg.logger``; TensorBoard ones are skipped when it is not installed.
+
+    Raises:
+        ConfigError: for a W&B or MLflow logger whose package is not installed.
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -93,10 +101,17 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         []
     """
     loggers = []
-    for _, node in _targets(cfg.get("logger")):
+    for name, node in _targets(cfg.get("logger")):
         target = str(node["_target_"])
         if target.endswith("TensorBoardLogger") and not tensorboard_available():
             continue
+        package = next((p for t, p in _TRACKER_PACKAGES.items() if target.endswith(t)), None)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logger.{name} ({target.rsplit('.', 1)[-1]}) needs the {package} package: "
+                f"pip install 'metalight[trackers]' (or {package}), or leave it out "
+                "(logger=csv)"
+            )
         kwargs: dict[str, Any] = {}
         uri = str(node.get("tracking_uri") or "")
         if target.endswith("MLFlowLogger") and uri.startswith("sqlite:///"):

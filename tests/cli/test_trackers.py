@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,18 @@ def test_many_is_every_tracker(compose_train: Callable[..., DictConfig]) -> None
     ]
     assert many.wandb.offline is True
     assert str(many.mlflow.tracking_uri).startswith("sqlite:///")
+
+
+def test_a_missing_tracker_package_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metalight.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    assert main(["train", "logger=[csv,wandb]", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "metalight train: error: logger.wandb (WandbLogger) needs the wandb package: "
+        "pip install 'metalight[trackers]' (or wandb), or leave it out (logger=csv)"
+    )
