@@ -146,6 +146,31 @@ def test_checkpointed_unroll_leaves_a_frozen_parameter_alone() -> None:
             assert torch.equal(weight, frozen), f"frozen weight moved at step {t}"
 
 
+def test_checkpointed_unroll_frees_the_view_after_backward() -> None:
+    model = make_stateful_model(8)
+    xs, ys, xq, yq = make_data(8)
+
+    def meta_loss() -> tuple[Tensor, weakref.ref]:
+        # As in MetaLearningModule: the view is local, only the meta-loss leaves.
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ctx = metalight.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=True)
+        with ctx as (fmodel, diffopt):
+            diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 4)
+            return F.mse_loss(fmodel(xq), yq), weakref.ref(fmodel.fast_params[0])
+
+    loss, weight = meta_loss()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    loss.backward()  # a retained graph can be backpropagated again
+    for p, g in zip(model.parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
+    del loss
+    gc.collect()
+    # Each recomputed step's closure reaches the view, whose history holds the step's
+    # outputs: a cycle through autograd's graph that only backward can break.
+    assert weight() is None, "the view and its fast weights outlived the meta-loss"
+
+
 def hand_truncated_momentum(model: nn.Module, steps: int, truncate: int) -> list[Tensor]:
     """SGD with momentum, written out: first-order before the last ``truncate`` steps."""
     xs, ys, xq, yq = make_data()

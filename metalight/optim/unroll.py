@@ -19,6 +19,7 @@ imports it, never the reverse): the loop knows an optimizer only through the sma
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -251,6 +252,14 @@ def _flatten_state(
     return tensors, rebuild
 
 
+def _release_if_spent(ctx: Any) -> None:
+    """After a backward pass: drop a recomputed step's closure if its inputs are freed."""
+    try:
+        _ = ctx.saved_tensors  # raises once a backward pass without retain_graph freed them
+    except RuntimeError:
+        ctx.run = ctx.buffers = None
+
+
 class _RecomputedStep(torch.autograd.Function):
     """One inner step that keeps only its inputs and recomputes its graph in backward."""
 
@@ -287,9 +296,18 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
         inputs = ctx.saved_tensors
+        run, buffers = ctx.run, ctx.buffers
+        # The step's closure reaches the functional view, whose history holds this node's
+        # outputs: a reference cycle through autograd's graph, which the garbage collector
+        # cannot see. Once a backward pass has freed this node's saved tensors (no
+        # retain_graph), nothing can run it again, and dropping the closure then frees the
+        # view and its fast weights with the meta-loss.
+        torch.autograd.Variable._execution_engine.queue_callback(
+            functools.partial(_release_if_spent, ctx)
+        )
         view_buffers = None
-        if ctx.buffers is not None:
-            view, before = ctx.buffers
+        if buffers is not None:
+            view, before = buffers
             # The recomputation runs on copies of the buffers this step's forward pass
             # found (its in-place updates, e.g. spectral norm's power iteration, then give
             # what they gave), and the view gets back the buffers the forward passes left.
@@ -298,7 +316,7 @@ class _RecomputedStep(torch.autograd.Function):
         try:
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-                outputs = ctx.run(leaves, create_graph=True)[:-1]
+                outputs = run(leaves, create_graph=True)[:-1]
                 pairs = [
                     (o, g)
                     for o, g in zip(outputs, grad_outputs[:-1], strict=True)
