@@ -75,7 +75,7 @@ def _disk_full_cause(err: BaseException) -> OSError | None:
 def _free_space(directory: Path) -> str:
     for folder in (directory, *directory.parents):
         try:
-            free = shutil.disk_usage(folder).free
+            free = float(shutil.disk_usage(folder).free)
         except OSError:
             continue
         for unit in ("bytes", "KiB", "MiB", "GiB"):
@@ -175,7 +175,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, encoding: str 
         'seed: 0\\n'
     """
     blob = data.encode(encoding) if isinstance(data, str) else bytes(data)
-    _atomic_write_with(Path(path), lambda f: f.write(blob))
+
+    def write(f: IO[bytes]) -> None:
+        f.write(blob)
+
+    _atomic_write_with(Path(path), write)
 
 
 def _is_local(path: _PATH) -> bool:

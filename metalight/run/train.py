@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -70,7 +70,7 @@ _CONFIG_STATE_KEY = "metalight.run_config"
 # The test suite's hook: "STEP" or "STEP:SIGINT" sends this process the signal while it trains
 # meta-iteration STEP (0: as training starts), as a scheduler or a user would.
 SIGNAL_AT_STEP_ENV = "METALIGHT_TEST_SIGNAL_AT_STEP"
-_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+_EXIT_CODES: dict[int, int] = {int(signal.SIGTERM): 143, int(signal.SIGINT): 130}
 
 
 def configure_torch(cfg: DictConfig) -> None:
@@ -165,7 +165,7 @@ def _csv_path(components: Components) -> Path | None:
     return None
 
 
-def _float_metrics(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+def _float_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for entry in results:
         for key, value in entry.items():
@@ -358,14 +358,19 @@ class _InterruptCallback(Callback):
         # Stopped at the next hook, once Lightning has logged this step's metrics.
         self._saved = RunInterrupted(signum, trainer.global_step, str(self.checkpoint), "training")
 
-    def _stop_if_saved(self, *args: Any) -> None:
+    def _stop_if_saved(self) -> None:
         if self._saved is not None:
             raise self._saved
 
     # The hooks that may come next: the next step, the epoch's end or validation, the end.
-    on_validation_start = _stop_if_saved
-    on_train_epoch_end = _stop_if_saved
-    on_train_end = _stop_if_saved
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.interrupts.take_over()
@@ -480,7 +485,7 @@ def _resume_command(ckpt: str | None) -> str:
     """The command that resumes this run from ``ckpt`` (the same overrides, a new run dir)."""
     overrides: list[str] = []
     if HydraConfig.initialized():
-        task = OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or []
+        task = list(HydraConfig.get().overrides.task or [])
         overrides = [
             str(o)
             for o in task
