@@ -2,7 +2,8 @@
 
 For every case, in float64:
 (a) the fast weights after each inner step equal ``torch.optim`` stepping a deep copy of the
-    model (and the view's buffers equal the copy's);
+    model (and the view's buffers equal the copy's, and the meta-gradient's backward pass,
+    which recomputes steps for a checkpointed unroll, moves none of them);
 (b) the meta-gradient equals a hand-written unroll over ``torch.func.functional_call`` with the
     SGD/Adam rules spelled out (``tests/engine/reference.py``), for every policy where it is
     defined (first order: detached gradients; truncated to the last T steps: the earlier ones
@@ -177,9 +178,13 @@ def _run_ctx(
         grads = None
         if policy != "no_higher_grads":
             meta = _mse(structure, _view_run(fmodel), query)
+            moved = {n: b.detach().clone() for n, b in fmodel.named_buffers()}
             trainable = [p for p in model.parameters() if p.requires_grad]
             found = iter(torch.autograd.grad(meta, trainable, allow_unused=True))
             grads = [next(found) if p.requires_grad else None for p in model.parameters()]
+            # The backward pass (a checkpointed unroll recomputes steps in it) moves none.
+            for name, b in fmodel.named_buffers():
+                assert torch.equal(b, moved[name]), f"{policy}: backward moved buffer {name}"
     return history, buffers, grads
 
 
