@@ -28,12 +28,12 @@ import contextlib
 import types
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FunctionalModule", "functional_call", "make_functional", "monkeypatch"]
+__all__ = ["FunctionalModule", "ViewState", "functional_call", "make_functional", "monkeypatch"]
 
 _OWN_ATTRS = frozenset({"_root", "_prefix"})
 _MISSING = object()
@@ -311,6 +311,19 @@ class _Root:
             name = name.rpartition(".")[0]
 
 
+class ViewState(NamedTuple):
+    """What a view's calls depend on besides the fast weights (see
+    :meth:`FunctionalModule.view_state`).
+
+    Attributes:
+        buffers: copies of the view's buffers, in ``named_buffers()`` order.
+        modes: the train/eval mode of every submodule, by ``named_modules()`` name.
+    """
+
+    buffers: list[Tensor]
+    modes: dict[str, bool]
+
+
 class FunctionalModule:
     """A stateless view of an ``nn.Module`` holding its own fast weights.
 
@@ -488,32 +501,49 @@ class FunctionalModule:
         """This view's own copies of the module's buffers."""
         return (b for _, b in self.named_buffers())
 
-    def buffer_state(self) -> list[Tensor]:
-        """The view's buffer tensors themselves, in :meth:`named_buffers` order (a new list).
+    def view_state(self) -> ViewState:
+        """Copies of what the view's calls depend on besides the fast weights, as they are now.
 
-        With :meth:`load_buffer_state`, what lets a checkpointed unroll recompute a step on
-        the buffers that step saw, and then put back the ones the forward pass left.
+        That is the buffers (a forward pass in train mode moves BatchNorm running statistics
+        and spectral norm's power-iteration vectors in place) and the train/eval mode of
+        each submodule. :meth:`replaying` runs calls on them again: a checkpointed unroll
+        recomputes a step in the backward pass as its forward pass ran.
         """
-        self._require_root("buffer_state")
-        return list(self._root.buffers)
+        self._require_root("view_state")
+        root = self._root
+        modes = {}
+        for name, sub in root.module.named_modules():
+            mode = root._mode_of(name)
+            modes[name] = sub.training if mode is None else mode
+        return ViewState([b.detach().clone() for b in root.buffers], modes)
 
-    def load_buffer_state(self, buffers: Sequence[Tensor]) -> None:
-        """Make ``buffers`` (as given, not copied) the view's buffer tensors.
+    @contextlib.contextmanager
+    def replaying(self, state: ViewState) -> Iterator[None]:
+        """Run the calls inside on copies of ``state``'s buffers and in its modes.
+
+        Afterwards the view has its own buffers and modes back, whatever the calls did;
+        ``state`` is not changed, so it can be replayed again.
 
         Raises:
-            ValueError: if their number or shapes differ from the view's buffers.
+            ValueError: for a ``state`` that is not this view's (from :meth:`view_state`).
         """
-        self._require_root("load_buffer_state")
+        self._require_root("replaying")
         root = self._root
-        buffers = list(buffers)
-        want = [tuple(b.shape) for b in root.buffers]
-        got = [tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__ for b in buffers]
-        if got != want:
+        if not isinstance(state, ViewState) or [b.shape for b in state.buffers] != [
+            b.shape for b in root.buffers
+        ]:
             raise ValueError(
-                f"load_buffer_state expects tensors shaped like buffer_state() ({want}, for "
-                f"{', '.join(root.layout.buffer_names) or 'no buffers'}), got {got}"
+                "replaying needs a ViewState taken from this view with view_state(), got "
+                f"{type(state).__name__}"
             )
-        root.buffers[:] = buffers
+        buffers, training = list(root.buffers), root.training
+        root.buffers[:] = [b.clone() for b in state.buffers]
+        root.training = dict(state.modes)
+        try:
+            yield
+        finally:
+            root.buffers[:] = buffers
+            root.training = training
 
     def copy_buffers_to_module(self) -> None:
         """Write this view's buffers (e.g. BatchNorm running statistics) into the module.

@@ -437,24 +437,33 @@ def test_buffer_reassigned_in_forward_stays_in_the_view() -> None:
     assert model.calls.item() == 0
 
 
-def test_buffer_state_round_trip_and_refusal() -> None:
-    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).double()
+def test_replaying_a_view_state_runs_on_copies_and_gives_the_view_back() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).double()
     fmodel = monkeypatch(model)
-    saved = fmodel.buffer_state()
-    assert [b is c for b, c in zip(saved, fmodel.buffers(), strict=True)] == [True] * 3
-    copies = [b.clone() for b in saved]
-    fmodel(torch.randn(4, 2, dtype=torch.float64))
-    assert not torch.equal(saved[0], copies[0])  # running_mean moved in place
-    fmodel.load_buffer_state(copies)
-    # The given tensors themselves, not copies of them, and the module's own are untouched.
-    assert all(b is c for b, c in zip(fmodel.buffers(), copies, strict=True))
-    assert torch.equal(model[1].running_mean, torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"load_buffer_state expects .*\[\(3,\), \(3,\), \(\)\]"):
-        fmodel.load_buffer_state(copies[:2])
-    with pytest.raises(ValueError, match="got \\['list', "):
-        fmodel.load_buffer_state([[0.0], *copies[1:]])  # type: ignore[list-item]
+    x = torch.randn(4, 2, dtype=torch.float64)
+    state = fmodel.view_state()
+    assert state.modes == {"": True, "0": True, "1": True, "2": True}
+    before = [b.clone() for b in state.buffers]
+    fmodel(x)
+    fmodel[1].eval()
+    moved = dict(fmodel.named_buffers())
+    assert not torch.equal(moved["1.running_mean"], before[0])
+    with fmodel.replaying(state):
+        # The state's buffers and modes (BatchNorm in train mode again), on copies.
+        assert fmodel[1].training
+        assert torch.equal(dict(fmodel.named_buffers())["1.running_mean"], before[0])
+        fmodel(x)
+        assert not torch.equal(dict(fmodel.named_buffers())["1.running_mean"], before[0])
+    assert all(torch.equal(a, b) for a, b in zip(state.buffers, before, strict=True))
+    assert all(b is moved[n] for n, b in fmodel.named_buffers())
+    assert not fmodel[1].training and fmodel[0].training
+    # The module's own modes and buffers were never touched.
+    assert model[1].training and torch.equal(model[1].running_mean, torch.zeros(3).double())
+    other = monkeypatch(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="replaying needs a ViewState taken from this view"):
+        other.replaying(state).__enter__()
     with pytest.raises(AttributeError, match="whole functional model"):
-        fmodel[1].buffer_state()
+        fmodel[1].view_state()
 
 
 def test_layout_follows_a_module_object_added_again() -> None:

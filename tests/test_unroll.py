@@ -131,6 +131,25 @@ def test_checkpointed_unroll_recomputes_on_the_buffers_each_step_saw() -> None:
         assert torch.equal(want_after[name], want_forward[name]), name
 
 
+def test_checkpointed_unroll_recomputes_in_the_modes_each_step_ran_in() -> None:
+    model = make_stateful_model(9)
+
+    def meta_grads(checkpoint: bool) -> list[Tensor]:
+        twin = copy.deepcopy(model)
+        xs, ys, xq, yq = make_data(9)
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        ctx = metalight.innerloop_ctx(twin, opt, copy_initial_weights=False, checkpoint=checkpoint)
+        with ctx as (fmodel, diffopt):
+            diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 3)
+            fmodel.eval()  # the query in eval mode; the inner steps ran in train mode
+            F.mse_loss(fmodel(xq), yq).backward()
+            assert not fmodel.training
+        return [p.grad for p in twin.parameters()]
+
+    for a, b in zip(meta_grads(True), meta_grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_checkpointed_unroll_leaves_a_frozen_parameter_alone() -> None:
     model = make_model(7)
     model[2].weight.requires_grad_(False)

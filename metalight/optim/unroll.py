@@ -11,13 +11,14 @@ imports it, never the reverse): the loop knows an optimizer only through the sma
   (:meth:`InnerOptimizer.pure_step`), reading the state once before the first step and
   storing it once after the last. A checkpointed unroll (:func:`checkpointed_unroll`)
   wraps the same pure step in a node that recomputes it in the backward pass
-  (``_recomputed_step``), on the view's buffers as that step saw them.
+  (``_recomputed_step``), on the view's buffers and modes as that step saw them.
 - ``_stateful_step_loop``, for custom optimizers written for higher (a stateful
   ``_update``): one :meth:`InnerOptimizer.inner_step` per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,22 +102,22 @@ class FastWeights(Protocol):
 
 
 @runtime_checkable
-class _ViewBuffers(Protocol):
-    """A functional model whose buffers a checkpointed unroll can read and put back.
+class _Replayable(Protocol):
+    """A functional model whose calls a checkpointed unroll can replay as they ran.
 
     A recomputed step must see the buffers (BatchNorm running statistics, spectral norm's
-    power-iteration vectors) its forward pass saw, and must not move them again.
-    :class:`~metalight.functional.FunctionalModule` provides this; a model without it is
-    recomputed with its buffers as they are (right for a model whose forward pass does not
-    change them).
+    power-iteration vectors) and train/eval modes its forward pass saw, and must not move
+    the buffers again. :class:`~metalight.functional.FunctionalModule` provides this; a
+    model without it is recomputed as it is at the time (right for a model whose forward
+    pass changes no buffer, and whose modes do not change before the backward pass).
     """
 
-    def buffer_state(self) -> list[Tensor]:
-        """The view's buffer tensors themselves (a new list, no copies)."""
+    def view_state(self) -> Any:
+        """Copies of the buffers and the modes, as they are now."""
         ...
 
-    def load_buffer_state(self, buffers: Sequence[Tensor]) -> None:
-        """Make ``buffers`` (as given, no copies) the view's buffer tensors."""
+    def replaying(self, state: Any) -> contextlib.AbstractContextManager[Any]:
+        """Calls inside run on copies of ``state``; afterwards the view's own are back."""
         ...
 
 
@@ -257,7 +258,7 @@ def _release_if_spent(ctx: Any) -> None:
     try:
         _ = ctx.saved_tensors  # raises once a backward pass without retain_graph freed them
     except RuntimeError:
-        ctx.run = ctx.buffers = None
+        ctx.run = ctx.replay = None
 
 
 class _RecomputedStep(torch.autograd.Function):
@@ -268,12 +269,12 @@ class _RecomputedStep(torch.autograd.Function):
         ctx: Any,
         run: Callable[..., tuple[Tensor, ...]],
         n_params: int,
-        buffers: tuple[_ViewBuffers, list[Tensor]] | None,
+        replay: tuple[_Replayable, Any] | None,
         *inputs: Tensor,
     ) -> Any:
         ctx.run = run
-        # (the view, copies of its buffers as this step's forward pass found them)
-        ctx.buffers = buffers
+        # (the view, its buffers and modes as this step's forward pass found them)
+        ctx.replay = replay
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():
             # The forward pass needs first-order gradients only, and no graph survives it.
@@ -296,7 +297,7 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
         inputs = ctx.saved_tensors
-        run, buffers = ctx.run, ctx.buffers
+        run, replay = ctx.run, ctx.replay
         # The step's closure reaches the functional view, whose history holds this node's
         # outputs: a reference cycle through autograd's graph, which the garbage collector
         # cannot see. Once a backward pass has freed this node's saved tensors (no
@@ -305,34 +306,26 @@ class _RecomputedStep(torch.autograd.Function):
         torch.autograd.Variable._execution_engine.queue_callback(
             functools.partial(_release_if_spent, ctx)
         )
-        view_buffers = None
-        if buffers is not None:
-            view, before = buffers
-            # The recomputation runs on copies of the buffers this step's forward pass
-            # found (its in-place updates, e.g. spectral norm's power iteration, then give
-            # what they gave), and the view gets back the buffers the forward passes left.
-            view_buffers = view.buffer_state()
-            view.load_buffer_state([b.clone() for b in before])
-        try:
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-                outputs = run(leaves, create_graph=True)[:-1]
-                pairs = [
-                    (o, g)
-                    for o, g in zip(outputs, grad_outputs[:-1], strict=True)
-                    if o.requires_grad and g is not None
-                ]
-                wrt = [t for t in leaves if t.requires_grad]
-                found = iter(
-                    torch.autograd.grad(
-                        [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                    )
-                    if pairs and wrt
-                    else [None] * len(wrt)
+        # The recomputation runs on copies of the buffers this step's forward pass found
+        # (its in-place updates, e.g. spectral norm's power iteration, then give what they
+        # gave) and in the modes it ran in; the view keeps what the forward passes left.
+        replaying = contextlib.nullcontext() if replay is None else replay[0].replaying(replay[1])
+        with replaying, torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outputs = run(leaves, create_graph=True)[:-1]
+            pairs = [
+                (o, g)
+                for o, g in zip(outputs, grad_outputs[:-1], strict=True)
+                if o.requires_grad and g is not None
+            ]
+            wrt = [t for t in leaves if t.requires_grad]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
                 )
-        finally:
-            if view_buffers is not None:
-                view.load_buffer_state(view_buffers)
+                if pairs and wrt
+                else [None] * len(wrt)
+            )
         return (None, None, None, *[next(found) if t.requires_grad else None for t in leaves])
 
 
@@ -367,13 +360,11 @@ def _recomputed_step(
             structure.append(new_rebuild)
         return (*new_params, *new_tensors, loss.detach())
 
-    buffers = None
-    if isinstance(fmodel, _ViewBuffers) and (found := fmodel.buffer_state()):
-        # One copy of the buffers per step, for the recomputation in the backward pass.
-        buffers = (fmodel, [b.detach().clone() for b in found])
+    # One copy of the buffers (and the modes) per step, for the recomputation.
+    replay = (fmodel, fmodel.view_state()) if isinstance(fmodel, _Replayable) else None
     # autograd.Function.apply is untyped in torch's stubs.
     outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
-        run, n, buffers, *params, *state_tensors, *hyper_tensors
+        run, n, replay, *params, *state_tensors, *hyper_tensors
     )
     return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
 
@@ -485,9 +476,10 @@ def checkpointed_unroll(
     The meta-gradient equals the plain unroll's. Higher-order derivatives of the meta-loss
     (a gradient of the meta-gradient) are not available through it. A step is recomputed
     on copies of the buffers its forward pass saw (kept per step: BatchNorm running
-    statistics, spectral norm's power-iteration vectors), so buffers that a forward pass
-    updates in place give the plain unroll's meta-gradient, and the backward pass leaves the
-    view's buffers as the forward passes left them. A parameter that does not require grad
+    statistics, spectral norm's power-iteration vectors) and in the train/eval modes it ran
+    in, so buffers that a forward pass updates in place, or a view put in eval mode for the
+    meta-loss, give the plain unroll's meta-gradient; the backward pass leaves the view's
+    buffers as the forward passes left them. A parameter that does not require grad
     (frozen) is not updated, as by ``torch.optim``.
 
     Args:
