@@ -225,11 +225,27 @@ def make_run_dir(parent: str | os.PathLike[str], stamp: str | None = None) -> Pa
         return candidate
 
 
+def _free_name(parent: Path, stamp: str) -> Path:
+    count = 0
+    while True:
+        candidate = parent / (stamp if count == 0 else f"{stamp}_{count}")
+        if not candidate.exists():
+            return candidate
+        count += 1
+
+
 def _reserved_run_dir(parent: str) -> str:
     # Hydra resolves hydra.run.dir more than once (to create it, then for Lightning's DDP
-    # launcher), so the directory is reserved once per process and parent.
+    # launcher), so the name is reserved once per process and parent. It only names the
+    # directory: OmegaConf also evaluates values a config file overrides while merging (the
+    # default hydra.sweep.dir under hparams_search or a submitit job), and a folder made
+    # then would be left empty. Hydra creates the directory the run really uses.
     if parent not in _RESERVED:
-        _RESERVED[parent] = str(make_run_dir(parent))
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        path = _free_name(Path(parent), stamp)
+        # This process's run will create it: a failed start may remove it again.
+        note_created(path)
+        _RESERVED[parent] = str(path)
     return _RESERVED[parent]
 
 
@@ -242,8 +258,10 @@ def reset_run_dirs() -> None:
 def register_resolvers() -> None:
     """Register the ``${metalight.run_dir:PARENT}`` resolver (idempotent).
 
-    It returns a new run directory under ``PARENT``, reserved (created) on first use and the
-    same for every later use in this process until :func:`reset_run_dirs`.
+    It returns a new run directory under ``PARENT``: a name no folder has yet, chosen on first
+    use and the same for every later use in this process until :func:`reset_run_dirs`. It
+    creates nothing (Hydra creates the directory of the run it starts), so a value that is
+    resolved and then overridden leaves no folder behind.
 
     Example:
         >>> register_resolvers()

@@ -67,6 +67,8 @@ def test_optuna_sweep_reports_the_best_trial_and_resumes_its_study(
     best = _check_best(trials, 3)
     out = capsys.readouterr().out
     assert f"best of 3 trials in study sinusoid_maml: trial {best['number']}" in out
+    # The default sweep directory the search config replaces leaves no empty folder behind.
+    assert sorted(p.name for p in Path("runs").iterdir()) == ["sweeps"]
 
     # The same command again continues the study: one more trial, the best of all four.
     assert _sweep(1) == 0
@@ -114,6 +116,9 @@ def test_submitit_local_launches_a_two_job_sweep(
     assert results[0]["metrics"]["test/loss_post"] != results[1]["metrics"]["test/loss_post"]
     for job in jobs:
         assert any(job.glob("*_result.pkl"))
+    # Nor does any job process leave an empty runs/multirun/<time> folder (the default
+    # hydra.sweep.dir, which OmegaConf evaluates while merging the given one).
+    assert not Path("runs").exists()
 
 
 def test_slurm_launcher_config_makes_a_valid_job_array(
