@@ -150,6 +150,28 @@ def test_checkpointed_unroll_recomputes_in_the_modes_each_step_ran_in() -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_checkpointed_unroll_recomputes_with_the_dropout_masks_of_the_forward_pass() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).double()
+
+    def meta_grads(checkpoint: bool) -> tuple[list[Tensor], Tensor]:
+        twin = copy.deepcopy(model)
+        xs, ys, xq, yq = make_data(10)
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        torch.manual_seed(11)
+        ctx = metalight.innerloop_ctx(twin, opt, copy_initial_weights=False, checkpoint=checkpoint)
+        with ctx as (fmodel, diffopt):
+            diffopt.unroll(lambda params: F.mse_loss(fmodel(xs, params=params), ys), 3)
+            F.mse_loss(fmodel(xq), yq).backward()
+        # The user's random stream goes on as if no step had been recomputed.
+        return [p.grad for p in twin.parameters()], torch.rand(3)
+
+    (got, got_next), (want, want_next) = meta_grads(True), meta_grads(False)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got_next, want_next)
+
+
 def test_checkpointed_unroll_leaves_a_frozen_parameter_alone() -> None:
     model = make_model(7)
     model[2].weight.requires_grad_(False)

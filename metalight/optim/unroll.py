@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -119,6 +119,45 @@ class _Replayable(Protocol):
     def replaying(self, state: Any) -> contextlib.AbstractContextManager[Any]:
         """Calls inside run on copies of ``state``; afterwards the view's own are back."""
         ...
+
+
+@dataclasses.dataclass
+class _StepReplay:
+    """What a recomputed step must see again: the view's state and the random generators'.
+
+    Dropout draws its masks from the global generators: the recomputation draws the ones
+    the forward pass drew (as ``torch.utils.checkpoint`` does), and leaves the generators
+    where the caller's program has them.
+    """
+
+    view: _Replayable | None
+    view_state: Any
+    cpu_rng: Tensor
+    cuda_rngs: list[tuple[int, Tensor]]
+
+    @classmethod
+    def capture(cls, fmodel: FastWeights, tensors: Sequence[Tensor]) -> _StepReplay:
+        """The state of ``fmodel`` and of the generators of ``tensors``' devices, now."""
+        view = fmodel if isinstance(fmodel, _Replayable) else None
+        cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        return cls(
+            view,
+            None if view is None else view.view_state(),
+            torch.get_rng_state(),
+            [(d, torch.cuda.get_rng_state(d)) for d in cuda],
+        )
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Run inside as the step's forward pass ran; afterwards all is as it was."""
+        with contextlib.ExitStack() as stack:
+            if self.view is not None:
+                stack.enter_context(self.view.replaying(self.view_state))
+            stack.enter_context(torch.random.fork_rng(devices=[d for d, _ in self.cuda_rngs]))
+            torch.set_rng_state(self.cpu_rng)
+            for device, state in self.cuda_rngs:
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 class InnerOptimizer(Protocol):
@@ -269,11 +308,10 @@ class _RecomputedStep(torch.autograd.Function):
         ctx: Any,
         run: Callable[..., tuple[Tensor, ...]],
         n_params: int,
-        replay: tuple[_Replayable, Any] | None,
+        replay: _StepReplay,
         *inputs: Tensor,
     ) -> Any:
         ctx.run = run
-        # (the view, its buffers and modes as this step's forward pass found them)
         ctx.replay = replay
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():
@@ -308,9 +346,9 @@ class _RecomputedStep(torch.autograd.Function):
         )
         # The recomputation runs on copies of the buffers this step's forward pass found
         # (its in-place updates, e.g. spectral norm's power iteration, then give what they
-        # gave) and in the modes it ran in; the view keeps what the forward passes left.
-        replaying = contextlib.nullcontext() if replay is None else replay[0].replaying(replay[1])
-        with replaying, torch.enable_grad():
+        # gave), in the modes and with the random numbers it ran with; the view and the
+        # generators keep what the forward passes left.
+        with replay.replaying(), torch.enable_grad():
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
             outputs = run(leaves, create_graph=True)[:-1]
             pairs = [
@@ -360,8 +398,8 @@ def _recomputed_step(
             structure.append(new_rebuild)
         return (*new_params, *new_tensors, loss.detach())
 
-    # One copy of the buffers (and the modes) per step, for the recomputation.
-    replay = (fmodel, fmodel.view_state()) if isinstance(fmodel, _Replayable) else None
+    # One copy of the buffers, modes and generator states per step, for the recomputation.
+    replay = _StepReplay.capture(fmodel, params)
     # autograd.Function.apply is untyped in torch's stubs.
     outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
         run, n, replay, *params, *state_tensors, *hyper_tensors
@@ -477,10 +515,11 @@ def checkpointed_unroll(
     (a gradient of the meta-gradient) are not available through it. A step is recomputed
     on copies of the buffers its forward pass saw (kept per step: BatchNorm running
     statistics, spectral norm's power-iteration vectors) and in the train/eval modes it ran
-    in, so buffers that a forward pass updates in place, or a view put in eval mode for the
-    meta-loss, give the plain unroll's meta-gradient; the backward pass leaves the view's
-    buffers as the forward passes left them. A parameter that does not require grad
-    (frozen) is not updated, as by ``torch.optim``.
+    in, with the random numbers it drew (dropout masks), so buffers that a forward pass
+    updates in place, a view put in eval mode for the meta-loss, or dropout give the plain
+    unroll's meta-gradient; the backward pass leaves the view's buffers as the forward
+    passes left them and the random generators where the program has them. A parameter
+    that does not require grad (frozen) is not updated, as by ``torch.optim``.
 
     Args:
         fmodel: the functional model; its fast weights are advanced.
