@@ -84,8 +84,9 @@ class TrainedModel:
         return adapt(self.module, support_x, support_y, steps)
 
     def predict_labels(self, adaptation: Adaptation, x: Tensor) -> list[int]:
-        """The predicted label of each row of ``x`` under ``adaptation``, as a list."""
-        return predict_logits(adaptation, x).argmax(-1).tolist()
+        """The predicted label of each row of ``x`` under ``adaptation``, as a list: the most
+        probable of the support set's classes (an output beyond them names no class)."""
+        return [int(label) for label in adaptation.predict_labels(x).tolist()]
 
     def _image_transform(self) -> ImageTransform:
         if self.transform is None:

@@ -68,29 +68,67 @@ class Adaptation:
         *,
         classification: bool | None = None,
         no_grad: bool = False,
+        support_y: Tensor | None = None,
+        like: Tensor | None = None,
     ) -> None:
         self._predict = predict
         self.fast_params = fast_params
         self.classification = classification
         self._no_grad = no_grad
+        self._support_y = support_y
+        self._like = like
+        self._classes: Tensor | None = None
+
+    @property
+    def classes(self) -> Tensor | None:
+        """The sorted labels of the support set's classes (None: not known, or regression).
+
+        :meth:`predict_labels` and :meth:`predict_proba` choose among these only: an output
+        no support example was labelled with names no class of this support set.
+        """
+        if self._classes is None and self._support_y is not None and self.classification:
+            # Computed on first use: the training loop's adaptations need no host sync.
+            self._classes = torch.unique(self._support_y.detach())
+        return self._classes
 
     def predict(self, x: Tensor) -> Tensor:
-        """The outputs for ``x`` with the adapted weights (logits for classification)."""
+        """The outputs for ``x`` with the adapted weights (logits for classification).
+
+        Floating-point inputs are cast to the model's dtype and moved to its device (the
+        outputs are on the model's device).
+        """
+        x = self._model_input(x)
         if self._no_grad:
             with torch.no_grad():
                 return self._predict(x)
         return self._predict(x)
 
     def predict_proba(self, x: Tensor) -> Tensor:
-        """Class probabilities for ``x``: the softmax of :meth:`predict`'s logits."""
+        """Class probabilities for ``x``: the softmax of :meth:`predict`'s logits over the
+        support set's classes (the other outputs get probability 0)."""
         self._require_classification("predict_proba")
-        return self.predict(x).softmax(-1)
+        return self._support_logits(self.predict(x)).softmax(-1)
 
     def predict_labels(self, x: Tensor) -> Tensor:
-        """The most probable class of each input of ``x`` (no gradient)."""
+        """The most probable support class of each input of ``x`` (no gradient)."""
         self._require_classification("predict_labels")
         with torch.no_grad():
-            return self._predict(x).argmax(-1)
+            return self._support_logits(self._predict(self._model_input(x))).argmax(-1)
+
+    def _model_input(self, x: Tensor) -> Tensor:
+        like = self._like
+        if like is None or not isinstance(x, Tensor):
+            return x
+        dtype = like.dtype if torch.is_floating_point(x) else x.dtype
+        return x.to(device=like.device, dtype=dtype)
+
+    def _support_logits(self, logits: Tensor) -> Tensor:
+        classes = self.classes
+        if classes is None:
+            return logits
+        other = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        other[classes.to(logits.device)] = False
+        return logits.masked_fill(other, float("-inf"))
 
     def _require_classification(self, method: str) -> None:
         if self.classification is False:
@@ -469,16 +507,18 @@ class MetaLearningModule(L.LightningModule):
             >>> adaptation.predict(x).shape
             torch.Size([10, 1])
         """
-        task, steps = self._adapt_arguments(support_x, support_y, steps)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "adapt() takes gradients, which inference mode forbids: call it under "
                 "torch.no_grad() instead (and use lightning.Trainer(inference_mode=False))"
             )
+        task, steps = self._adapt_arguments(support_x, support_y, steps)
         caller_grad = torch.is_grad_enabled()
         with torch.enable_grad():
             adaptation = self.adapt_task(task, steps, create_graph=create_graph, on_step=on_step)
         adaptation.classification = self.is_classification(task.support_y)
+        adaptation._support_y = task.support_y
+        adaptation._like = self._model_tensor()
         if not caller_grad:
             # The caller asked for no graph: nothing it gets back leads to the meta-parameters.
             adaptation.fast_params = [p.detach() for p in adaptation.fast_params]
@@ -505,8 +545,20 @@ class MetaLearningModule(L.LightningModule):
                     f"adapt(support_x, support_y): {support_x.shape[0]} inputs but "
                     f"{support_y.shape[0]} targets; pass one target per support input"
                 )
+            if not support_x.shape[0]:
+                raise ValueError(
+                    "adapt(support_x, support_y): the support set is empty; pass at least one "
+                    "example (a support set holds one or more per class)"
+                )
+            support_x, support_y = self._support_tensors(support_x, support_y)
             # The query fields are empty: adaptation reads the support set only.
             task = Task(support_x, support_y, support_x[:0], support_y[:0], support_y.new_zeros(0))
+        elif isinstance(support_y, Sequence) and any(isinstance(v, str) for v in support_y):
+            raise TypeError(
+                "adapt(support_x, support_y): support_y holds class names; pass labels "
+                "0..N-1 instead, e.g. names = sorted(set(y)); "
+                "torch.tensor([names.index(c) for c in y])"
+            )
         else:
             raise TypeError(
                 "adapt() takes (support_x, support_y, steps) tensors or a Task, got "
@@ -516,6 +568,44 @@ class MetaLearningModule(L.LightningModule):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"adapt(): steps must be an integer >= 0, got {steps!r}")
         return task, steps
+
+    def _model_tensor(self) -> Tensor | None:
+        """A floating-point weight of the model: its dtype and device are the inputs'."""
+        return next((p for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def _support_tensors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """A user's support set on the model's device and dtype, its labels checked."""
+        like = self._model_tensor()
+        if like is not None:
+            x = x.to(like.device, like.dtype if x.is_floating_point() else x.dtype)
+            y = y.to(like.device)
+        if not self.is_classification(y):
+            return x, y.to(like.dtype) if like is not None and y.is_floating_point() else y
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(
+                f"adapt(support_x, support_y): class labels must be one integer per input "
+                f"(shape [n]), got {y.dtype} of shape {list(y.shape)}"
+            )
+        y = y.long()  # cross-entropy takes int64 labels; int32 ones come from numpy often
+        # A look at the output width must not move BatchNorm's running statistics; each
+        # submodule gets its own mode back (a user may keep some in eval mode).
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                outputs = self.model(x).shape[-1]
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= outputs):
+            found = sorted(set(y.tolist()))
+            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+            raise ValueError(
+                f"adapt(support_x, support_y): labels must be 0..{outputs - 1} (the model has "
+                f"{outputs} outputs), got {shown}; number the classes 0..N-1, e.g. "
+                "torch.unique(y, return_inverse=True)[1]"
+            )
+        return x, y
 
     def adapt_task(
         self,

@@ -192,3 +192,66 @@ def test_no_train_accuracy_for_regression() -> None:
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     assert "train/meta_loss" in trainer.callback_metrics
     assert "train/acc" not in trainer.callback_metrics
+
+
+def test_labels_and_probabilities_choose_among_the_support_classes_only() -> None:
+    # A 3-output model used 2-way (labels 0 and 2) or 1-way: an output no support example
+    # was labelled with names no class here, so it is never predicted.
+    module = classifier()
+    x, y = support_set()
+    queries = torch.randn(40, 2, dtype=torch.float64) * 3
+    for keep in ([0, 2], [1]):
+        chosen = torch.isin(y, torch.tensor(keep))
+        adaptation = module.adapt(x[chosen], y[chosen])
+        logits = adaptation.predict(queries)
+        masked = logits.clone()
+        masked[:, [c for c in range(3) if c not in keep]] = float("-inf")
+        assert torch.equal(adaptation.classes, torch.tensor(keep))
+        assert torch.equal(adaptation.predict_labels(queries), masked.argmax(-1))
+        assert set(adaptation.predict_labels(queries).tolist()) <= set(keep)
+        probabilities = adaptation.predict_proba(queries)
+        torch.testing.assert_close(probabilities, masked.softmax(-1))
+        assert torch.equal(
+            probabilities[:, [c for c in range(3) if c not in keep]].sum(), 0 * x[0, 0]
+        )
+    # Unmasked, some queries would have gone to a class absent from the 1-way support set.
+    one_way = module.adapt(x[y == 1], y[y == 1])
+    assert (one_way.predict(queries).argmax(-1) != 1).any()
+
+
+def test_support_and_query_are_cast_to_the_model_and_labels_checked() -> None:
+    module = classifier()  # float64 weights
+    x, y = support_set()
+    reference = module.adapt(x, y)
+    # float32 inputs and int32 labels (as numpy gives them) adapt to the same weights.
+    cast = module.adapt(x.float(), y.int())
+    for a, b in zip(cast.fast_params, reference.fast_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    queries = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(reference.predict_labels(queries.float()), reference.predict_labels(queries))
+    assert reference.predict(queries.float()).dtype == torch.float64
+    with pytest.raises(
+        ValueError, match=r"labels must be 0\.\.2 \(the model has 3 outputs\), got 3, 7"
+    ):
+        module.adapt(x, torch.tensor([3, 7, 3, 7, 3, 7]))
+    with pytest.raises(ValueError, match=r"labels must be 0\.\.2 .*got -1, 0, 1;"):
+        module.adapt(x, y - 1)
+    with pytest.raises(ValueError, match=r"one integer per input \(shape \[n\]\)"):
+        module.adapt(x, y[:, None])
+    with pytest.raises(TypeError, match=r"support_y holds class names; pass labels 0\.\.N-1"):
+        module.adapt(x, ["a", "b", "c", "a", "b", "c"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"the support set is empty"):
+        module.adapt(x[:0], y[:0])
+
+
+def test_the_label_check_leaves_batchnorm_statistics_and_modes_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    module = MAML(model, inner_optim=functools.partial(torch.optim.SGD, lr=LR), eval_inner_steps=0)
+    module.train()
+    model[1].eval()  # the user keeps this one in eval mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = support_set()
+    module.adapt(x, y)
+    assert module.training and model[0].training and not model[1].training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
