@@ -52,25 +52,15 @@ CORE = ("sgd-momentum", "adam")
 CTX_POLICIES = ("plain", "no_higher_grads", "first_order", "truncated", "checkpoint")
 MAML_POLICIES = ("plain", "first_order", "truncated", "checkpoint", "vectorized")
 
-# Engine limitations and bugs outside metalight/functional.py, found by this harness; each
-# is described in the reason, and strict: the test starts failing when it is fixed.
-_UNBATCHABLE = (
-    "vectorize_tasks=True accepts a model whose forward vmap cannot batch (no batching rule "
-    "for {op}): vectorized_meta_loss fails with torch's RuntimeError instead of "
-    "check_vectorizable refusing it in one line, and vectorize_tasks='auto' (the default) "
-    "picks the vectorised path for it, so MAML training crashes (metalight/vectorized.py)"
-)
-KNOWN: dict[tuple[str, str, str], str] = {
-    **{
-        (name, "vectorized", "MAML"): _UNBATCHABLE.format(op=op)
-        for name, op in (
-            ("lstm", "aten::lstm"),
-            ("gru_2layer", "aten::gru"),
-            ("rnn", "aten::rnn_tanh"),
-            ("lstm_gru_cells", "aten::lstm_cell"),
-            ("spectral_norm", "aten::div.out in its power iteration"),
-        )
-    },
+# Structures whose forward vmap cannot batch (no batching rule for these ops): the
+# task-vectorised step refuses them in one line, and "auto" trains them with the loop
+# (test_unbatchable_structures_are_refused_and_auto_takes_the_loop).
+UNBATCHABLE: dict[str, str] = {
+    "lstm": "LSTM",
+    "gru_2layer": "GRU",
+    "rnn": "RNN",
+    "lstm_gru_cells": "LSTMCell|GRUCell",
+    "spectral_norm": "spectral_norm",
 }
 
 
@@ -278,11 +268,12 @@ def _cases() -> list[Any]:
                 params.append((structure.name, case_id, "plain", "get_diff_optim"))
                 if structure.maml:
                     for policy in MAML_POLICIES:
+                        if policy == "vectorized" and structure.name in UNBATCHABLE:
+                            continue
                         params.append((structure.name, case_id, policy, "MAML"))
     marked = []
     for name, case_id, policy, entry in params:
-        reason = KNOWN.get((name, policy, entry))
-        marks: list[Any] = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        marks: list[Any] = []
         if (name, policy) == ("weight_norm", "vectorized"):
             # vmap runs aten::_weight_norm through its slow fallback, and says so.
             marks.append(pytest.mark.filterwarnings("ignore:There is a performance drop"))
@@ -370,3 +361,18 @@ def test_views_agree_with_module_and_errors_leave_it_untouched(structure: Struct
         _step_then_raise(structure, model, opt, x)
     snapshot.check(f"{label} after an error in the context")
     structure.call(module_run, x)  # the module itself still runs (and may move its buffers)
+
+
+@pytest.mark.parametrize("structure_name", sorted(UNBATCHABLE))
+def test_unbatchable_structures_are_refused_and_auto_takes_the_loop(structure_name: str) -> None:
+    structure = BY_NAME[structure_name]
+    case = CASES[CORE[0]]
+    model = _build(structure)
+    snapshot = ModuleSnapshot(model)
+    with pytest.raises(ValueError, match=UNBATCHABLE[structure_name]) as refusal:
+        _maml(structure, model, case, "vectorized")
+    assert "\n" not in str(refusal.value), str(refusal.value)
+    auto = MAML(model, inner_optim=functools.partial(case.torch_cls, **case.kwargs))
+    assert auto.vectorize_tasks == "auto"
+    assert not auto._decide_vectorized(), f"{structure_name}: 'auto' chose the vectorised step"
+    snapshot.check(f"structure={structure_name} after the refusal")
