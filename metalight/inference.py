@@ -186,9 +186,26 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     for candidate in (given / "checkpoints" / _CHECKPOINT, given / _CHECKPOINT):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"{given} holds no {_CHECKPOINT} (looked in {given / 'checkpoints'} and {given}); {hint}."
+    looked = f"{given} holds no {_CHECKPOINT} (looked in {given / 'checkpoints'} and {given})"
+    # Another checkpoint of the run (step*.ckpt, a best one) is the user's choice to make.
+    others = sorted(
+        p
+        for folder in (given / "checkpoints", given)
+        if folder.is_dir()
+        for p in folder.glob("*.ckpt")
+        if p.is_file()
     )
+    if others:
+        names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FileNotFoundError(
+            f"{looked}, but it holds {names}: give one of them, e.g. {others[-1]}."
+        )
+    if (given / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{looked}: the run saved no checkpoint (it stopped before its first save, or the "
+            "checkpoint was deleted); give another run, or train this one again."
+        )
+    raise FileNotFoundError(f"{looked}; {hint}.")
 
 
 def load(

@@ -431,3 +431,24 @@ def test_more_classes_than_the_model_has_outputs_is_refused_in_one_line(
     assert "support=DIR" in capsys.readouterr().out
     assert main(["eval", "--help"]) == 0
     assert "data=episodes data.root=DIR" in capsys.readouterr().out
+
+
+def test_a_run_without_last_ckpt_says_what_it_holds(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    # An interrupted run, or one whose checkpoint was deleted: no checkpoint at all.
+    with pytest.raises(FileNotFoundError, match=r"holds no last\.ckpt .*: the run saved no ch"):
+        find_checkpoint(run)
+    # Its last.ckpt deleted, other checkpoints beside it: they are named, not guessed among.
+    for name in ("step=4.ckpt", "step=2.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as info:
+        find_checkpoint(run)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "but it holds step=2.ckpt, step=4.ckpt: give one of them, e.g. " in message
+    assert message.endswith(f"{run / 'checkpoints' / 'step=4.ckpt'}.")
+    # A folder that is no run at all gets the general hint.
+    with pytest.raises(FileNotFoundError, match=r"give a run directory \(runs/RUN\)"):
+        find_checkpoint(tmp_path)

@@ -174,7 +174,8 @@ def predict_command(args: Sequence[str]) -> int:
     width = max(len(str(p.image)) for p in predictions)
     print(
         f"metalight predict: {len(predictions)} query images, adapted on {values['support']} "
-        f"with {trained.module.eval_inner_steps} inner steps ({classes} classes predicted)",
+        f"with {trained.module.eval_inner_steps} inner steps ({classes} "
+        f"class{'' if classes == 1 else 'es'} predicted)",
         flush=True,
     )
     for p in predictions:
