@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["check_strategy"]
 
 _USE_INSTEAD = (
-    "Use data-parallel training instead: trainer.strategy=ddp on the command line, i.e. "
-    "lightning.Trainer(strategy='ddp') (or 'ddp_spawn' / 'ddp_notebook' where processes "
+    "Use data-parallel training instead: strategy='ddp' (lightning.Trainer(strategy='ddp'); "
+    "or 'ddp_spawn' / 'ddp_notebook' where processes "
     "cannot be re-launched); it keeps a full model per process, shards the meta-batch over "
     "the processes and averages the meta-gradients. If memory is why you shard, "
     "first_order=True or truncate=... shortens the unrolled graph instead."
@@ -82,7 +82,7 @@ def check_strategy(trainer: pl.Trainer | Any) -> None:
         ValueError: If the strategy shards parameters, gradients or optimizer state (FSDP,
             DeepSpeed, ModelParallel), or is a multi-process strategy this library does not
             know to keep full parameter replicas. The message says why and names
-            ``trainer.strategy=ddp`` as the replacement.
+            ``strategy='ddp'`` as the replacement.
 
     Example:
         >>> from types import SimpleNamespace

@@ -312,4 +312,4 @@ def test_fsdp_is_refused_at_start_up(single_run: Path) -> None:
     message = (single_run / "fsdp" / "error.txt").read_text()
     assert message.startswith("ValueError: CPUFSDPStrategy cannot train a MetaLearningModule")
     assert "shards the parameters" in message
-    assert "trainer.strategy=ddp" in message
+    assert "strategy='ddp'" in message
