@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -548,6 +549,8 @@ def _finish_interrupted(
     results["files"] = files
     if _slurm_job_id():
         results["slurm_job_id"] = _slurm_job_id()
+        if (overrides := _task_overrides()) is not None:
+            results["overrides"] = overrides  # how a requeued job tells its own run
     try:
         if requeue_job is not None:
             # Recorded before requeueing: the requeued job looks for it to resume.
@@ -588,23 +591,74 @@ def _auto_requeue_configured(cfg: DictConfig) -> bool:
     return False
 
 
-def _requeued_checkpoint(cfg: DictConfig, job: str) -> str | None:
-    """The checkpoint of the latest run of SLURM job ``job`` that stopped to be requeued."""
-    parent = Path(str(OmegaConf.select(cfg, "paths.output_dir", default="runs")))
-    best: tuple[int, float, str] | None = None
-    for results_file in parent.glob(f"*/{RESULTS_FILE}"):
-        try:
-            results = json.loads(results_file.read_text())
-        except (OSError, ValueError):
-            continue
-        stop = results.get("interrupted") or {}
-        ckpt = stop.get("checkpoint")
-        if results.get("slurm_job_id") != job or not stop.get("requeued") or not ckpt:
-            continue
-        if Path(ckpt).is_file():
-            key = (int(stop.get("step", 0)), results_file.stat().st_mtime, str(ckpt))
-            best = max(best, key) if best else key
-    return best[2] if best else None
+def _task_overrides() -> list[str] | None:
+    """This job's own overrides (a sweep job's values included), without the ones a resume
+    changes; None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    return [
+        str(o)
+        for o in HydraConfig.get().overrides.task or []
+        if not str(o).lstrip("+~").startswith(("ckpt_path=", "paths.run_dir="))
+    ]
+
+
+def _requeue_search_dirs(cfg: DictConfig) -> list[Path]:
+    """Where a stopped run of this job may live: under ``paths.output_dir`` at any depth (a
+    sweep's runs are ``<sweep dir>/<subdir>``), and in this sweep's directory, which may be
+    elsewhere (``hydra.sweep.dir=...``)."""
+    roots = [Path(str(OmegaConf.select(cfg, "paths.output_dir", default="runs")))]
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        sweep = OmegaConf.select(hydra_cfg, "sweep.dir", default=None)
+        if sweep and hydra_cfg.mode == RunMode.MULTIRUN:
+            roots.append(Path(str(sweep)))
+    kept: list[Path] = []
+    for root in roots:
+        root = root.expanduser().resolve()
+        # A root inside another is searched with it.
+        if root.is_dir() and not any(root.is_relative_to(k) for k in kept):
+            kept = [k for k in kept if not k.is_relative_to(root)] + [root]
+    return kept
+
+
+def _requeued_checkpoint(cfg: DictConfig, job: str) -> tuple[str, Path] | None:
+    """The checkpoint and run directory of the latest run of SLURM job ``job`` (the same job,
+    or the same task of a job array) that stopped to be requeued, wherever it lives.
+
+    A run that recorded its overrides must have had this job's: with several runs under one
+    job id (a sweep's jobs run in one allocation) each finds its own.
+    """
+    overrides = _task_overrides()
+    best: tuple[int, float, str, Path] | None = None
+    seen: set[Path] = set()
+    for root in _requeue_search_dirs(cfg):
+        for results_file in root.rglob(RESULTS_FILE):
+            if results_file in seen:
+                continue
+            seen.add(results_file)
+            try:
+                results = json.loads(results_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(results, dict):
+                continue
+            stop = results.get("interrupted") or {}
+            ckpt = stop.get("checkpoint")
+            if results.get("slurm_job_id") != job or not stop.get("requeued") or not ckpt:
+                continue
+            recorded = results.get("overrides")
+            if recorded is not None and overrides is not None and recorded != overrides:
+                continue
+            if Path(ckpt).is_file():
+                key = (
+                    int(stop.get("step", 0)),
+                    results_file.stat().st_mtime,
+                    str(ckpt),
+                    results_file.parent,
+                )
+                best = max(best, key) if best else key
+    return (best[2], best[3]) if best else None
 
 
 def _requeue(job: str) -> str:
@@ -667,14 +721,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
     ckpt_path = cfg.get("ckpt_path")
     job = _slurm_job_id()
+    requeued = None
     if ckpt_path is None and job and _auto_requeue_configured(cfg):
-        ckpt_path = _requeued_checkpoint(cfg, job)
-        if ckpt_path is not None:
-            print(f"metalight: SLURM job {job} was requeued: resuming from {ckpt_path}")
-            cfg = copy.deepcopy(cfg)
-            with open_dict(cfg):
-                cfg.ckpt_path = ckpt_path
+        requeued = _requeued_checkpoint(cfg, job)
     run_dir = resolve_run_dir(cfg)
+    if requeued is not None:
+        ckpt_path, stopped_dir = requeued
+        print(f"metalight: SLURM job {job} was requeued: resuming from {ckpt_path}")
+        if run_dir.resolve() == stopped_dir.resolve():
+            # A sweep job with a fixed hydra.sweep.dir is given its directory again; the
+            # resume goes beside it, as every resume goes to a new directory.
+            run_dir = make_run_dir(run_dir.parent, f"{run_dir.name}-requeued")
+        cfg = _with_run_dir(cfg, run_dir)
+        with open_dict(cfg):
+            cfg.ckpt_path = ckpt_path
     components: Components | None = None
     requeue_on: int | None = None
     resumed: dict[str, Any] | None = None

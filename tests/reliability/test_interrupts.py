@@ -49,6 +49,10 @@ STOPS = dict(
     zip(("SIGTERM", "SIGINT", "SIGUSR1"), random.Random(SEED).choices(range(1, STEPS), k=3))
 )
 CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 128 + int(signal.SIGUSR1)}
+# A sweep's job (task 2 of job array 4300) stopped by SIGUSR1: run again in its job, it is
+# given the same sweep directory, finds its run there and resumes beside it.
+SWEEP_STOP = random.Random(SEED + 1).choice(range(1, STEPS))
+SWEEP_ARGS = ["train", "-m", *ARGS[1:], "trainer=slurm", "hydra.sweep.dir=sweep"]
 
 
 @dataclass
@@ -71,20 +75,28 @@ def final_state(run_dir: Path) -> dict:
     return {k: checkpoint[k] for k in ("global_step", "state_dict", "optimizer_states")}
 
 
-def slurm_env(tmp: Path) -> dict[str, str]:
-    """A SLURM job's environment, with a stand-in ``scontrol`` that records its arguments
-    (SLURM is not here; Lightning's SLURMEnvironment, the signal and the resume are real)."""
+def slurm_env(tmp: Path, array_task: int | None = None) -> dict[str, str]:
+    """A SLURM job's environment (or a job array's task), with a stand-in ``scontrol`` that
+    records its arguments (SLURM is not here; Lightning's SLURMEnvironment, the signal and
+    the resume are real)."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp / "scontrol.log"}\n')
     scontrol.chmod(0o755)
-    return {
+    env = {
         "SLURM_JOB_ID": "4242",
         "SLURM_NTASKS": "1",
         "SLURM_JOB_NAME": "meta",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
+    if array_task is not None:
+        env.update(
+            SLURM_ARRAY_JOB_ID="4300",
+            SLURM_ARRAY_TASK_ID=str(array_task),
+            SLURM_JOB_ID=str(4300 + array_task),
+        )
+    return env
 
 
 def _run_all(jobs: dict[str, tuple[Path, list[str], dict[str, str]]]) -> dict[str, Done]:
@@ -108,8 +120,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
             env.update(slurm_env(cwd))
             args = [*ARGS, "trainer=slurm"]
         first[name] = (cwd, args, env)
+    sweep_cwd = tmp_path_factory.mktemp("sweep")
+    sweep_env = {SIGNAL_AT_STEP_ENV: f"{SWEEP_STOP}:SIGUSR1", **slurm_env(sweep_cwd, 2)}
+    first["sweep"] = (sweep_cwd, SWEEP_ARGS, sweep_env)
     done = _run_all(first)
-    second: dict[str, tuple[Path, list[str], dict[str, str]]] = {}
+    second: dict[str, tuple[Path, list[str], dict[str, str]]] = {
+        "sweep/resume": (sweep_cwd, SWEEP_ARGS, slurm_env(sweep_cwd, 2))
+    }
     for name in STOPS:
         cwd = done[name].cwd
         if name == "SIGUSR1":
@@ -195,6 +212,34 @@ def test_trainer_slurm_requeues_itself_and_the_requeued_job_resumes_bitwise(
     assert got["start_step"] == STOPS["SIGUSR1"] and got["steps"] == STEPS
 
 
+def test_a_requeued_sweep_job_finds_its_run_in_the_sweep_directory_and_resumes_bitwise(
+    runs: dict[str, Done],
+) -> None:
+    where = f"sweep job stopped by SIGUSR1 while training step {SWEEP_STOP} (seed {SEED})"
+    stopped = runs["sweep"]
+    assert stopped.status == CODES["SIGUSR1"], f"{where}: exit {stopped.status}\n{stopped.err}"
+    assert (stopped.cwd / "scontrol.log").read_text() == "requeue 4300_2\n"
+    stopped_dir = stopped.cwd / "sweep" / "0"
+    results = json.loads((stopped_dir / "results.json").read_text())
+    assert results["slurm_job_id"] == "4300_2" and results["interrupted"]["requeued"] is True
+    # Recorded as Hydra hands a sweep's job its overrides (values normalised: False).
+    assert len(results["overrides"]) == len(ARGS) and results["overrides"][-1] == "trainer=slurm"
+    ckpt = results["interrupted"]["checkpoint"]
+    assert Path(ckpt).resolve() == (stopped_dir / "checkpoints" / "last.ckpt").resolve()
+    # The requeued job ran the same sweep in the same job array task: Hydra gave it the same
+    # directory, where it found its checkpoint; it resumed beside it (runs never share one).
+    first = runs["sweep/resume"]
+    assert first.status == 0, f"{where}: requeued job failed\n{first.err[-3000:]}"
+    assert f"SLURM job 4300_2 was requeued: resuming from {ckpt}" in first.out
+    resumed_dir = stopped.cwd / "sweep" / "0-requeued"
+    assert_matches_the_reference(runs, resumed_dir, where)
+    got = json.loads((resumed_dir / "results.json").read_text())
+    assert got["start_step"] == SWEEP_STOP and got["steps"] == STEPS
+    assert got["resumed_from"] == ckpt
+    # The stopped run is left as it was: its record still says where it stopped.
+    assert json.loads((stopped_dir / "results.json").read_text()) == results
+
+
 def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,3 +255,49 @@ def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_agai
     assert results["interrupted"]["resume"] == shlex.join(["metalight", *ARGS])
     assert not list(run_dir.glob("checkpoints/*.ckpt"))
     assert "nothing to save yet" in capsys.readouterr().out
+
+
+def _stopped_run(run_dir: Path, job: str, step: int, overrides: list[str] | None) -> str:
+    """What a run stopped to be requeued leaves: its checkpoint and results.json."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+    results: dict = {
+        "slurm_job_id": job,
+        "interrupted": {"requeued": True, "step": step, "checkpoint": str(ckpt)},
+    }
+    if overrides is not None:
+        results["overrides"] = overrides
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return str(ckpt)
+
+
+def test_a_requeued_job_finds_its_own_run_at_any_depth_and_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from metalight.run import config_dir
+    from metalight.run.train import _requeued_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    mine = ["seed=1"]
+    # A default sweep directory: the requeued job's sweep is a new runs/multirun/<time>.
+    own = _stopped_run(tmp_path / "runs/multirun/2026-01-01_00-00-00/1", "77_1", 5, mine)
+    # A search trial's subdirectory, another task of the array, a job that was not requeued,
+    # and the same job's other sweep run (one allocation running several).
+    _stopped_run(tmp_path / "runs/sweeps/study/2026-01-01_00-00-00_0", "77_2", 9, mine)
+    _stopped_run(tmp_path / "runs/multirun/2026-01-01_00-00-00/0", "77_1", 9, ["seed=0"])
+    _stopped_run(tmp_path / "runs/2026-01-01_00-00-00", "78", 9, None)
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", [*mine, "hydra.sweep.dir=elsewhere"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert _requeued_checkpoint(cfg, "77_1") == (own, Path(own).parents[1].resolve())
+        assert _requeued_checkpoint(cfg, "79") is None
+        # A later stop of the same job (its resume, stopped again) is the one to resume.
+        later = _stopped_run(tmp_path / "runs/multirun/2026-01-01_01-00-00/1", "77_1", 8, mine)
+        assert _requeued_checkpoint(cfg, "77_1") == (later, Path(later).parents[1].resolve())
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
