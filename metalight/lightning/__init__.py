@@ -1,6 +1,7 @@
 """Lightning integration: the ``MetaLearningModule`` base class."""
 
+from metalight.lightning.adaptation import Adaptation
 from metalight.lightning.finite import NonFiniteError
-from metalight.lightning.module import Adaptation, MetaLearningModule
+from metalight.lightning.module import InnerLR, MetaLearningModule
 
-__all__ = ["Adaptation", "MetaLearningModule", "NonFiniteError"]
+__all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
