@@ -22,6 +22,14 @@ from torch import Tensor, nn
 from metalight.data.task import Task, TaskBatch
 from metalight.functional import FunctionalModule, functional_call, monkeypatch
 from metalight.lightning.adaptation import Adaptation
+from metalight.lightning.distributed import (
+    global_counts,
+    is_distributed,
+    merge_used,
+    meta_gradient_surrogate,
+    on_any_rank,
+    used_on_any_rank,
+)
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
 from metalight.lightning.finite import FiniteChecks, NonFiniteError
 from metalight.lightning.finite import all_finite as _all_finite
@@ -850,7 +858,7 @@ class MetaLearningModule(L.LightningModule):
             # The loop agrees on the kept-task count (skip) or on a failure (raise) with a
             # collective; a rank that went the vectorised way would never join it, so every
             # rank takes the same path.
-            bad = self._on_any_rank(bad)
+            bad = on_any_rank(self._trainer, bad, self.device)
         if bad:
             # The loop names the task, step and weights (or drops the bad tasks): on this rare
             # path, run the batch again task by task.
@@ -900,7 +908,7 @@ class MetaLearningModule(L.LightningModule):
         if self.nan_policy == "raise":
             # A rank that raised alone would leave the others waiting in the gradient
             # all-reduce: the ranks agree on a failure (one flag reduced), and all raise.
-            if self._on_any_rank(failure is not None) and failure is None:
+            if on_any_rank(self._trainer, failure is not None, self.device) and failure is None:
                 failure = NonFiniteError(
                     f"batch {batch_idx}: another process met a non-finite value "
                     "(nan_policy='raise'); its error names the task and the inner step"
@@ -911,7 +919,7 @@ class MetaLearningModule(L.LightningModule):
         if self.nan_policy == "skip":
             # Every rank must agree on how many tasks were kept: DDP averages ranks equally,
             # and a rank that raised alone would leave the others waiting in the all-reduce.
-            kept, total = self._global_counts(len(losses), n)
+            kept, total = global_counts(self._trainer, len(losses), n, self.device)
         if kept == 0:
             raise NonFiniteError(
                 f"every task of batch {batch_idx} was skipped for non-finite values"
@@ -926,60 +934,24 @@ class MetaLearningModule(L.LightningModule):
             accumulated = [g * factor if g is not None else None for g in accumulated]
         return self._surrogate(meta_params, accumulated, meta_loss)
 
-    def _on_any_rank(self, flag: bool) -> bool:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return flag
-        count = torch.tensor([float(flag)], device=self.device)
-        return bool(trainer.strategy.reduce(count, reduce_op="sum").item() > 0)
-
-    def _global_counts(self, kept: int, n: int) -> tuple[int, int]:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return kept, n
-        counts = torch.tensor([float(kept), float(n)], device=self.device)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return int(counts[0].item()), int(counts[1].item())
-
     def _surrogate(
         self, meta_params: list[nn.Parameter], grads: list[Tensor | None], value: Tensor
     ) -> Tensor:
-        # d/dp of sum(p * g) is g: one backward (one DDP all-reduce) applies the meta-gradient
-        # gathered task by task. The returned value is the meta-loss, for logging.
-        # A parameter with no meta-gradient (None: unused by the loss) stays out of the
-        # graph, so its .grad stays None as in plain torch, and torch.optim skips it (no
-        # weight decay, no momentum drift). Under DDP every parameter must take part in the
-        # backward (the reducer waits for each), so it gets a zero there, and
-        # on_before_optimizer_step turns back to None what no rank used.
-        distributed = self._trainer is not None and self.trainer.world_size > 1
+        distributed = is_distributed(self._trainer)
         if distributed:
-            used = [g is not None for g in grads]
-            self._used_meta_params = (
-                used
-                if self._used_meta_params is None
-                else [a or b for a, b in zip(self._used_meta_params, used, strict=True)]
-            )
-        terms = [
-            (p * (g if g is not None else torch.zeros_like(p)).to(p.dtype)).sum()
-            for p, g in zip(meta_params, grads, strict=True)
-            if g is not None or distributed
-        ]
-        if not terms:  # nothing to learn from this batch: the optimizer skips every parameter
-            surrogate = torch.zeros((), device=value.device, requires_grad=True)
-        else:
-            surrogate = torch.stack([t.float() for t in terms]).sum()
-        return surrogate + (value.float() - surrogate.detach())
+            # on_before_optimizer_step turns back to None the .grad of what no rank used.
+            self._used_meta_params = merge_used(self._used_meta_params, grads)
+        return meta_gradient_surrogate(meta_params, grads, value, distributed=distributed)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         used, self._used_meta_params = self._used_meta_params, None
         if used is None:
             return
         # Parameters used on no rank in any batch of this (accumulated) step.
-        flags = torch.tensor([float(u) for u in used], device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        for p, flag in zip(self.meta_parameters(), flags.tolist(), strict=True):
-            if flag == 0:
+        for p, flag in zip(
+            self.meta_parameters(), used_on_any_rank(self._trainer, used, self.device), strict=True
+        ):
+            if not flag:
                 p.grad = None
 
     def _log_train_accuracy(self, accuracies: Tensor, n: int) -> None:
