@@ -22,10 +22,26 @@ def describe_data(data: Mapping[str, Any]) -> str:
     Example:
         >>> describe_data({"_target_": "metalight.data.SinusoidDataModule", "shots": 10})
         'sinusoid regression, K=10 support points'
+        >>> describe_data({"_target_": "metalight.data.DigitsDataModule", "batch_size": 32,
+        ...     "train_size": 1097, "val_size": 300, "test_size": 400})
+        'digits, 1097 training / 300 validation / 400 test examples, batches of 32'
     """
     target = str(data.get("_target_", "")).rsplit(".", 1)[-1]
     name = target.removesuffix("DataModule").lower() or "data"
-    name = {"miniimagenet": "mini_imagenet", "imagefolder": "image_folder"}.get(name, name)
+    name = {
+        "miniimagenet": "mini_imagenet",
+        "imagefolder": "image_folder",
+        "noisydigits": "digits",
+    }.get(name, name)
+    if "train_size" in data:  # one supervised problem split three ways (bilevel recipes)
+        text = (
+            f"{name}, {data.get('train_size')} training / {data.get('val_size')} validation / "
+            f"{data.get('test_size')} test examples, batches of {data.get('batch_size')}"
+        )
+        noise = data.get("noise")
+        if noise:
+            text += f", {100 * float(noise):g}% of training labels flipped"
+        return text
     if "ways" not in data:
         return f"{name} regression, K={data.get('shots')} support points"
     eval_shots = data.get("eval_shots")
@@ -126,7 +142,11 @@ def format_summary(results: Mapping[str, Any]) -> str:
         test = format_metrics(metrics, "test", results.get("eval_inner_steps"))
         lines.append(f"  test      {test}")
         if results.get("baseline"):
-            baseline = format_metrics(results["baseline"], "test", results.get("eval_inner_steps"))
+            # A baseline that records its own training length (bilevel) is told by it.
+            steps = results["baseline"].get("test/inner_steps", results.get("eval_inner_steps"))
+            baseline = format_metrics(
+                results["baseline"], "test", None if steps is None else int(steps)
+            )
             lines.append(f"  baseline  {baseline}")
         if results.get("selection"):
             lines.append(f"  weights   {results['selection']['summary']}")

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metalight.bilevel.module import pop_baseline
+from metalight.bilevel.module import BilevelModule, pop_baseline
 from metalight.data.datamodule import SinusoidDataModule
 from metalight.lightning.checkpoint_io import (
     CorruptCheckpointError,
@@ -179,6 +179,13 @@ def _eval_steps(cfg: DictConfig) -> int | None:
     if steps is None:
         steps = OmegaConf.select(cfg, "algorithm.inner_steps", default=None)
     return steps
+
+
+def _tested_steps(module: L.LightningModule) -> int:
+    """The inner steps behind a bilevel module's test metrics: the inner training since its
+    last restart (online runs carry it over every outer step), ``inner_steps`` per step."""
+    assert isinstance(module, BilevelModule)
+    return max(int(module.inner_age), 1) * int(module.inner_steps)
 
 
 def _base_results(cfg: DictConfig, command: str, run_dir: Path) -> dict[str, Any]:
@@ -822,6 +829,8 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         checkpoint=_last_checkpoint(components),
         resumed_from=ckpt_path,
     )
+    if isinstance(components.module, BilevelModule):
+        results["eval_inner_steps"] = _tested_steps(components.module)
     if baseline := pop_baseline(results["metrics"]):
         results["baseline"] = baseline
     if skipped:
@@ -955,6 +964,31 @@ def _load_weights(module: L.LightningModule, ckpt_path: str | os.PathLike[str]) 
         ) from None
 
 
+def _refuse_no_test_split(
+    cfg: DictConfig, datamodule: L.LightningDataModule, ckpt_path: str | os.PathLike[str]
+) -> None:
+    """A run trained on every class has nothing held out to test on: one line saying what
+    to evaluate it on instead (before the data module's own message from inside test)."""
+    split_names = getattr(datamodule, "split_names", None)
+    if split_names is None or "test" in split_names():
+        return
+    target = str(OmegaConf.select(cfg, "data._target_", default="")).rsplit(".", 1)[-1]
+    held_out = {
+        "ImageFolderDataModule": "give a folder of classes it did not train on with "
+        "data.test_root=DIR",
+        # Omniglot's classes were all trained on: held-out ones need a new training run.
+        "OmniglotDataModule": "train again holding test classes out "
+        "(data.num_train_characters=1200, or data.test_alphabets=[...] with "
+        "data.split=alphabet)",
+    }.get(target, "train again holding test classes out of the data")
+    raise ConfigError(
+        f"the run of {ckpt_path} trained on every class of its data, so there are no "
+        "held-out test classes to evaluate on: score fixed episodes with "
+        f"`metalight eval ckpt_path={ckpt_path} data=episodes data.root=DIR` "
+        f"(DIR/<episode>/support|query/<class>/<image>), or {held_out}"
+    )
+
+
 def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Test a checkpoint on the test episodes, with the model rebuilt from ``cfg``.
 
@@ -979,6 +1013,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     configure_torch(cfg)
     run_dir = Path(str(OmegaConf.select(cfg, "paths.run_dir", default="") or "."))
     datamodule = build_datamodule(cfg)
+    _refuse_no_test_split(cfg, datamodule, ckpt_path)
     module = build_module(cfg)
     _load_weights(module, ckpt_path)
     trainer = build_trainer(cfg, loggers=[], callbacks=[])
@@ -988,6 +1023,10 @@ def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     out_dir = make_run_dir(run_dir / "eval")
     results = _base_results(cfg, "eval", out_dir)
     results.update(metrics=_float_metrics(test), checkpoint_evaluated=str(ckpt_path))
+    if isinstance(module, BilevelModule):
+        results["eval_inner_steps"] = _tested_steps(module)
+    if baseline := pop_baseline(results["metrics"]):
+        results["baseline"] = baseline  # apart from the method's, as train reports it
     components = Components(datamodule, module, trainer)
     atomic_write(out_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     results["files"] = {"config": str(out_dir / CONFIG_FILE)}
