@@ -386,6 +386,7 @@ class BilevelModule(L.LightningModule):
             truncate=self.truncate if truncate == "default" else truncate,
             checkpoint=self.checkpoint_unroll,
             first_step=first_step,
+            module=self.model,
         )
         return result.params, result.state, result.losses
 

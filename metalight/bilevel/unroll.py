@@ -12,7 +12,10 @@ policies, all over the pure functional optimizers of :mod:`metalight.optim.funct
   unroll;
 * checkpointed: each differentiable step keeps only its inputs (weights, optimizer state,
   meta-parameters) and is recomputed in the backward pass, so memory grows with ``k`` only by
-  those inputs.
+  those inputs. The recomputed step is the few-shot engine's
+  (:func:`metalight.optim.unroll.recomputed_step`), with the meta-parameters as its extra
+  inputs: it replays each step on the module's buffers and modes and with the random numbers
+  it ran with.
 
 Example:
     >>> import torch
@@ -30,13 +33,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalight.optim.functional import FunctionalOptimizer
+from metalight.optim.unroll import recomputed_step
 
 __all__ = ["HyperFn", "InnerLossFn", "UnrollResult", "unroll", "update_per_parameter"]
 
@@ -101,31 +106,6 @@ def update_per_parameter(
     return new_params, type(state)(**columns)
 
 
-class _Slot(int):
-    """Where a tensor of a flattened optimizer state goes back."""
-
-
-def _flatten_state(state: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
-    tensors: list[Tensor] = []
-    layout: list[list[Any]] = []
-    for column in state:
-        slots: list[Any] = []
-        for value in column:
-            if isinstance(value, Tensor):
-                slots.append(_Slot(len(tensors)))
-                tensors.append(value)
-            else:
-                slots.append(value)
-        layout.append(slots)
-
-    def rebuild(new: Sequence[Tensor]) -> Any:
-        return type(state)(
-            *[[new[v] if isinstance(v, _Slot) else v for v in slots] for slots in layout]
-        )
-
-    return tensors, rebuild
-
-
 def detach_state(state: Any) -> Any:
     """A copy of a functional optimizer state with every tensor detached."""
     return type(state)(
@@ -133,40 +113,62 @@ def detach_state(state: Any) -> Any:
     )
 
 
-class _RecomputedStep(torch.autograd.Function):
-    """One inner step that keeps only its inputs and rebuilds its graph in backward."""
+_ModuleState = tuple[list[tuple[nn.Module, str, Tensor]], list[tuple[nn.Module, bool]]]
+"""The buffers (owning submodule, name, copy) and each submodule's train/eval mode."""
 
-    @staticmethod
-    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Any:
-        ctx.run = run
-        ctx.save_for_backward(*inputs)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-            outputs = run(leaves, create_graph=False)
-        outputs = tuple(o.detach() for o in outputs)
-        ctx.mark_non_differentiable(outputs[-1])
-        return outputs
 
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Tensor) -> Any:
-        inputs = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-            wrt = [t for t in leaves if t.requires_grad]
-            outputs = ctx.run(leaves, create_graph=True)[:-1]
-            pairs = [
-                (o, g)
-                for o, g in zip(outputs, grad_outputs[:-1], strict=True)
-                if o.requires_grad and g is not None
-            ]
-            found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                )
-                if pairs and wrt
-                else [None] * len(wrt)
-            )
-        return (None, *[next(found) if t.requires_grad else None for t in leaves])
+def _copies(buffers: list[tuple[nn.Module, str, Tensor]]) -> list[tuple[nn.Module, str, Tensor]]:
+    """Copies of the buffers; a tensor registered at several places stays one tensor."""
+    copies: dict[int, Tensor] = {}
+    for _, _, b in buffers:
+        if id(b) not in copies:
+            copies[id(b)] = b.detach().clone()
+    return [(sub, name, copies[id(b)]) for sub, name, b in buffers]
+
+
+class _ModuleView:
+    """A module's buffers and train/eval modes, for a recomputed step to replay its calls.
+
+    It is the :class:`~metalight.optim.unroll.Replayable` of a plain ``nn.Module`` that the
+    inner loss calls (with ``torch.func.functional_call``, whose missing entries are the
+    module's own buffers): a recomputation runs on copies of the buffers the step's forward
+    pass found, swapped into the module and swapped back afterwards, so that neither the
+    module's buffers nor tensors saved by other graphs are written to.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def view_state(self) -> _ModuleState:
+        """Copies of the buffers (by owning submodule and name) and each submodule's mode."""
+        buffers = [
+            (sub, name, b)
+            for sub in self.module.modules()
+            for name, b in sub._buffers.items()
+            if b is not None
+        ]
+        return _copies(buffers), [(sub, sub.training) for sub in self.module.modules()]
+
+    @contextlib.contextmanager
+    def replaying(self, state: _ModuleState) -> Iterator[None]:
+        """Calls inside run on fresh copies of ``state``; afterwards the module's own are back.
+
+        ``state`` itself is not changed, so a retained graph can be recomputed again.
+        """
+        buffers, modes = state
+        own = [(sub, name, sub._buffers[name]) for sub, name, _ in buffers]
+        own_modes = [(sub, sub.training) for sub, _ in modes]
+        for sub, name, fresh in _copies(buffers):
+            sub._buffers[name] = fresh
+        for sub, mode in modes:
+            sub.training = mode
+        try:
+            yield
+        finally:
+            for sub, name, b in own:
+                sub._buffers[name] = b
+            for sub, mode in own_modes:
+                sub.training = mode
 
 
 def _as_leaves(params: Sequence[Tensor]) -> list[Tensor]:
@@ -187,6 +189,7 @@ def unroll(
     truncate: int | None = None,
     checkpoint: bool = False,
     first_step: int = 0,
+    module: nn.Module | None = None,
 ) -> UnrollResult:
     """Run ``steps`` inner steps of ``opt`` whose result is differentiable w.r.t. ``meta``.
 
@@ -208,6 +211,12 @@ def unroll(
             keeping its activations.
         first_step: the number of the first step (the hooks see ``first_step ..
             first_step + steps - 1``), to continue an unroll in pieces.
+        module: the module ``inner_loss`` runs, if any. With ``checkpoint=True`` each step is
+            recomputed on copies of its buffers and in its train/eval modes as the step's
+            forward pass found them (BatchNorm running statistics and spectral norm's
+            vectors move once per step, as in the plain unroll; a module put in eval mode
+            for the outer loss gives the plain unroll's hypergradient). Dropout masks are
+            replayed with or without it.
 
     Returns:
         An :class:`UnrollResult`.
@@ -223,95 +232,82 @@ def unroll(
             f"flows through), got {truncate!r}"
         )
     meta = list(meta)
+    view = None if module is None else _ModuleView(module)
     current = [p.detach() for p in params]
     state = detach_state(state)
     losses: list[Tensor] = []
     first_graph_step = 0 if truncate is None else max(0, steps - truncate)
     for step in range(first_step, first_step + steps):
+        args = (opt, inner_loss, hparams, step)
         if step - first_step < first_graph_step:
-            current, state, loss = _graphless_step(
-                opt, current, state, inner_loss, hparams, meta, step
-            )
+            current, state, loss = _graphless_step(*args, current, state, meta)
         elif checkpoint:
-            current, state, loss = _recomputed_step(
-                opt, current, state, inner_loss, hparams, meta, step
-            )
+            current, state, loss = _recomputed_step(*args, current, state, meta, view)
         else:
-            current, state, loss = _plain_step(
-                opt, current, state, inner_loss, hparams, meta, step, create_graph=True
-            )
+            with torch.enable_grad():
+                current, state, loss = _step(*args, _as_leaves(current), state, meta, True)
         losses.append(loss.detach())
     return UnrollResult(current, state, losses)
 
 
-def _plain_step(
+def _step(
     opt: FunctionalOptimizer,
-    params: Sequence[Tensor],
-    state: Any,
     inner_loss: InnerLossFn,
     hparams: HyperFn,
-    meta: Sequence[Tensor],
     step: int,
-    *,
+    weights: list[Tensor],
+    state: Any,
+    meta: Sequence[Tensor],
     create_graph: bool,
 ) -> tuple[list[Tensor], Any, Tensor]:
-    with torch.enable_grad():
-        leaves = _as_leaves(params)
-        loss = inner_loss(leaves, meta, step)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
-        new_params, new_state = update_per_parameter(opt, grads, state, leaves, hparams(meta, step))
+    """One inner step on weights that require grad: loss, gradient, update."""
+    loss = inner_loss(weights, meta, step)
+    grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+    new_params, new_state = update_per_parameter(opt, grads, state, weights, hparams(meta, step))
     return new_params, new_state, loss
 
 
 def _graphless_step(
     opt: FunctionalOptimizer,
-    params: Sequence[Tensor],
-    state: Any,
     inner_loss: InnerLossFn,
     hparams: HyperFn,
-    meta: Sequence[Tensor],
     step: int,
+    params: Sequence[Tensor],
+    state: Any,
+    meta: Sequence[Tensor],
 ) -> tuple[list[Tensor], Any, Tensor]:
+    """One inner step without any graph (before a truncation's cut)."""
     detached = [m.detach() for m in meta]
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in params]
-        loss = inner_loss(leaves, detached, step)
-        grads = torch.autograd.grad(loss, leaves)
-    with torch.no_grad():
-        new_params, new_state = update_per_parameter(
-            opt, grads, state, [p.detach() for p in leaves], hparams(detached, step)
+        new_params, new_state, loss = _step(
+            opt, inner_loss, hparams, step, leaves, state, detached, False
         )
     return [p.detach() for p in new_params], detach_state(new_state), loss.detach()
 
 
 def _recomputed_step(
     opt: FunctionalOptimizer,
-    params: Sequence[Tensor],
-    state: Any,
     inner_loss: InnerLossFn,
     hparams: HyperFn,
-    meta: Sequence[Tensor],
     step: int,
+    params: Sequence[Tensor],
+    state: Any,
+    meta: Sequence[Tensor],
+    view: _ModuleView | None,
 ) -> tuple[list[Tensor], Any, Tensor]:
-    n, n_meta = len(params), len(meta)
-    state_tensors, rebuild = _flatten_state(state)
-    structure: list[Callable[[Sequence[Tensor]], Any]] = []
-
-    def run(inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
-        weights = [p.requires_grad_(True) if p.is_leaf else p for p in inputs[:n]]
-        own_meta = list(inputs[n : n + n_meta])
-        loss = inner_loss(weights, own_meta, step)
-        grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
-        new_params, new_state = update_per_parameter(
-            opt, grads, rebuild(inputs[n + n_meta :]), weights, hparams(own_meta, step)
+    def run(
+        weights: list[Tensor], states: list[Any], own_meta: list[Tensor], create_graph: bool
+    ) -> tuple[list[Tensor], list[Any], Tensor]:
+        new_params, new_state, loss = _step(
+            opt, inner_loss, hparams, step, weights, states[0], own_meta, create_graph
         )
-        new_tensors, new_rebuild = _flatten_state(new_state)
-        if not structure:
-            structure.append(new_rebuild)
-        return (*new_params, *new_tensors, loss.detach())
+        return new_params, [new_state], loss
 
-    # Weights enter as graph inputs so that the recomputation can differentiate through
-    # them, even at the first step after a cut (where they are detached).
-    inputs = (*_as_leaves(params), *meta, *state_tensors)
-    outputs = _RecomputedStep.apply(run, *inputs)
-    return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
+    # Weights enter as graph inputs that require grad, so that the recomputation
+    # differentiates through them, even at the first step after a cut (where they are
+    # detached): every weight given to the engine is trained.
+    new_params, (new_state,), loss = recomputed_step(
+        run, _as_leaves(params), [state], meta, view=view
+    )
+    return new_params, new_state, loss

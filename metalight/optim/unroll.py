@@ -11,9 +11,13 @@ imports it, never the reverse): the loop knows an optimizer only through the sma
   (:meth:`InnerOptimizer.pure_step`), reading the state once before the first step and
   storing it once after the last. A checkpointed unroll (:func:`checkpointed_unroll`)
   wraps the same pure step in a node that recomputes it in the backward pass
-  (``_recomputed_step``), on the view's buffers and modes as that step saw them.
+  (:func:`recomputed_step`), on the view's buffers and modes as that step saw them.
 - ``_stateful_step_loop``, for custom optimizers written for higher (a stateful
   ``_update``): one :meth:`InnerOptimizer.inner_step` per step.
+
+:func:`recomputed_step` is the checkpointed step on its own, for any step function of
+explicit weights, optimizer states and extra differentiable inputs: the bilevel engine
+(:mod:`metalight.bilevel.unroll`) uses it with its meta-parameters as those inputs.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ __all__ = [
     "GradCallback",
     "InnerOptimizer",
     "Override",
+    "Replayable",
+    "StepFn",
     "UnrollPolicy",
     "checkpointed_unroll",
+    "recomputed_step",
     "run_unroll",
 ]
 
@@ -102,13 +109,13 @@ class FastWeights(Protocol):
 
 
 @runtime_checkable
-class _Replayable(Protocol):
+class Replayable(Protocol):
     """A functional model whose calls a checkpointed unroll can replay as they ran.
 
     A recomputed step must see the buffers (BatchNorm running statistics, spectral norm's
     power-iteration vectors) and train/eval modes its forward pass saw, and must not move
-    the buffers again. :class:`~metalight.functional.FunctionalModule` provides this; a
-    model without it is recomputed as it is at the time (right for a model whose forward
+    the buffers again. :class:`~metalight.functional.FunctionalModule` provides this (the
+    bilevel engine has its own for a plain ``nn.Module``); a model without it is recomputed as it is at the time (right for a model whose forward
     pass changes no buffer, and whose modes do not change before the backward pass).
     """
 
@@ -130,15 +137,14 @@ class _StepReplay:
     where the caller's program has them.
     """
 
-    view: _Replayable | None
+    view: Replayable | None
     view_state: Any
     cpu_rng: Tensor
     cuda_rngs: list[tuple[int, Tensor]]
 
     @classmethod
-    def capture(cls, fmodel: FastWeights, tensors: Sequence[Tensor]) -> _StepReplay:
-        """The state of ``fmodel`` and of the generators of ``tensors``' devices, now."""
-        view = fmodel if isinstance(fmodel, _Replayable) else None
+    def capture(cls, view: Replayable | None, tensors: Sequence[Tensor]) -> _StepReplay:
+        """The state of ``view`` and of the generators of ``tensors``' devices, now."""
         cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         return cls(
             view,
@@ -367,6 +373,89 @@ class _RecomputedStep(torch.autograd.Function):
         return (None, None, None, *[next(found) if t.requires_grad else None for t in leaves])
 
 
+StepFn = Callable[
+    [list[Tensor], list[Any], list[Tensor], bool], tuple[Sequence[Tensor], Sequence[Any], Tensor]
+]
+"""``(params, states, extra, create_graph) -> (new_params, new_states, loss)``: one inner step
+(see :func:`recomputed_step`)."""
+
+
+def recomputed_step(
+    step: StepFn,
+    params: Sequence[Tensor],
+    states: Sequence[Any],
+    extra: Sequence[Tensor] = (),
+    *,
+    view: Replayable | None = None,
+) -> tuple[list[Tensor], list[Any], Tensor]:
+    """One inner step as one autograd node that keeps only its inputs and recomputes its
+    graph in the backward pass.
+
+    ``step`` runs twice: in the forward pass with ``create_graph=False`` (first-order: no
+    graph survives it) and in the backward pass with ``create_graph=True``, on fresh leaves
+    of ``params``, the tensors of ``states`` and ``extra``, from which the gradients flow to
+    the originals. So ``step`` must read every tensor it should differentiate from its
+    arguments, and have no side effects but on ``view``. The recomputation runs on copies of
+    ``view``'s buffers and in its modes as the forward pass found them
+    (:class:`Replayable`), and with the random numbers the forward pass drew (dropout); the
+    view and the random generators keep what the forward passes left. A new weight that
+    depends on nothing differentiable (a frozen parameter, which gets no update) does not
+    require grad. Higher-order derivatives through the node are not available.
+
+    Args:
+        step: ``(params, states, extra, create_graph) -> (new_params, new_states, loss)``.
+        params: the weights (each step's first ``len(params)`` outputs match them).
+        states: optimizer states: NamedTuples whose fields are lists (tensors or not), as
+            the functional optimizers of :mod:`metalight.optim.functional` keep them.
+        extra: further differentiable inputs of ``step`` (tensor hyperparameters,
+            meta-parameters).
+        view: the model whose buffers and modes a recomputation must see as they were.
+
+    Returns:
+        ``(new_params, new_states, loss)``, the loss detached.
+
+    Example:
+        >>> import torch
+        >>> from metalight.optim.functional import sgd
+        >>> from metalight.optim.unroll import recomputed_step
+        >>> w = [torch.ones(2, requires_grad=True)]
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> def step(params, states, extra, create_graph):
+        ...     loss = (params[0] ** 2).sum()
+        ...     (grad,) = torch.autograd.grad(loss, params, create_graph=create_graph)
+        ...     new, state = sgd.update([grad], states[0], params, lr=extra[0])
+        ...     return new, [state], loss
+        >>> new, _, loss = recomputed_step(step, w, [sgd.init(w)], [lr])
+        >>> new[0].sum().backward()  # d/dlr of sum(w - lr * 2w) = -4
+        >>> lr.grad
+        tensor(-4.)
+    """
+    n = len(params)
+    state_tensors, rebuild_state = _flatten_state(states)
+    n_state = len(state_tensors)
+    structure: list[Callable[[Sequence[Tensor]], list[Any]]] = []
+
+    def run(inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
+        new_params, new_states, loss = step(
+            list(inputs[:n]),
+            rebuild_state(inputs[n : n + n_state]),
+            list(inputs[n + n_state :]),
+            create_graph,
+        )
+        new_tensors, new_rebuild = _flatten_state(new_states)
+        if not structure:
+            structure.append(new_rebuild)
+        return (*new_params, *new_tensors, loss.detach())
+
+    # One copy of the buffers, modes and generator states per step, for the recomputation.
+    replay = _StepReplay.capture(view, params)
+    # autograd.Function.apply is untyped in torch's stubs.
+    outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
+        run, n, replay, *params, *state_tensors, *extra
+    )
+    return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
+
+
 def _recomputed_step(
     fmodel: FastWeights,
     diffopt: InnerOptimizer,
@@ -376,35 +465,24 @@ def _recomputed_step(
     hypers: list[dict[str, Any]],
     first_order: bool,
 ) -> tuple[list[Tensor], list[Any], Tensor]:
-    """The pure step as one autograd node that keeps only its inputs."""
-    n = len(params)
+    """The optimizer's pure step as one recomputed node; tensor hyperparameters its extra."""
     hyper_tensors, rebuild_hypers = _flatten_hypers(hypers)
-    state_tensors, rebuild_state = _flatten_state(states)
-    n_state = len(state_tensors)
-    structure: list[Callable[[Sequence[Tensor]], list[Any]]] = []
 
-    def run(inputs: Sequence[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
-        current = list(inputs[:n])
+    def step(
+        current: list[Tensor], own_states: list[Any], own_hypers: list[Tensor], create_graph: bool
+    ) -> tuple[list[Tensor], list[Any], Tensor]:
         loss = support_loss(current)
         new_params, new_states = diffopt.pure_step(
             loss,
             current,
-            rebuild_state(inputs[n : n + n_state]),
-            rebuild_hypers(inputs[n + n_state :]),
+            own_states,
+            rebuild_hypers(own_hypers),
             first_order=first_order or not create_graph,
         )
-        new_tensors, new_rebuild = _flatten_state(new_states)
-        if not structure:
-            structure.append(new_rebuild)
-        return (*new_params, *new_tensors, loss.detach())
+        return new_params, new_states, loss
 
-    # One copy of the buffers, modes and generator states per step, for the recomputation.
-    replay = _StepReplay.capture(fmodel, params)
-    # autograd.Function.apply is untyped in torch's stubs.
-    outputs = _RecomputedStep.apply(  # type: ignore[no-untyped-call]
-        run, n, replay, *params, *state_tensors, *hyper_tensors
-    )
-    return list(outputs[:n]), structure[0](outputs[n:-1]), outputs[-1]
+    view = fmodel if isinstance(fmodel, Replayable) else None
+    return recomputed_step(step, params, states, hyper_tensors, view=view)
 
 
 def _pure_step_loop(
