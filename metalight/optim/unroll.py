@@ -115,8 +115,9 @@ class Replayable(Protocol):
     A recomputed step must see the buffers (BatchNorm running statistics, spectral norm's
     power-iteration vectors) and train/eval modes its forward pass saw, and must not move
     the buffers again. :class:`~metalight.functional.FunctionalModule` provides this (the
-    bilevel engine has its own for a plain ``nn.Module``); a model without it is recomputed as it is at the time (right for a model whose forward
-    pass changes no buffer, and whose modes do not change before the backward pass).
+    bilevel engine has its own for a plain ``nn.Module``); a model without it is
+    recomputed as it is at the time (right for a model whose forward pass changes no
+    buffer, and whose modes do not change before the backward pass).
     """
 
     def view_state(self) -> Any:
