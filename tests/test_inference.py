@@ -33,6 +33,7 @@ from metalight.run import (
     register_resolvers,
     train,
 )
+from metalight.run.predict import predict_folders
 from tests.data.test_episodes import character_images, make_episodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -452,3 +453,36 @@ def test_a_run_without_last_ckpt_says_what_it_holds(tmp_path: Path) -> None:
     # A folder that is no run at all gets the general hint.
     with pytest.raises(FileNotFoundError, match=r"give a run directory \(runs/RUN\)"):
         find_checkpoint(tmp_path)
+
+
+def test_predict_with_fewer_classes_than_outputs_chooses_among_them(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # The run is 5-way; the support folder has 2 classes, named like numbers ("10" sorts
+    # before "2": labels follow the sorted names, and the names come back as given).
+    run_dir, _, _, _ = trained
+    support, query = tmp_path / "support", tmp_path / "query"
+    for name, character in (("2", "character01"), ("10", "character02")):
+        images = character_images(omniglot_dir, "Latin", character)
+        (support / name).mkdir(parents=True)
+        (support / name / "example.png").write_bytes(images[0])
+        query.mkdir(exist_ok=True)
+        for k in (1, 2, 3):
+            (query / f"{name}_{k}.png").write_bytes(images[k])
+    loaded = metalight.load(run_dir)
+    predictions = predict_folders(loaded, support, query)
+    folder = loaded.read_folder(support)
+    assert folder.class_names == ["10", "2"]
+    files = sorted(query.glob("*.png"))
+    logits = predict_logits(loaded.adapt(folder.x, folder.y), loaded.read_images(files))
+    want = logits[:, :2].double().softmax(-1)
+    assert [p.image for p in predictions] == files
+    for p, row in zip(predictions, want, strict=True):
+        assert p.class_name == folder.class_names[p.label]
+        assert p.probability == pytest.approx(float(row.max()), abs=1e-12)
+        assert p.label == int(row.argmax())
+    # The Python API agrees: no label beyond the support set's two.
+    labels = loaded.predict_labels(loaded.adapt(folder.x, folder.y), loaded.read_images(files))
+    assert labels == [p.label for p in predictions]

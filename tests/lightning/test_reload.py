@@ -204,3 +204,23 @@ def test_a_checkpoint_without_its_inner_optimizer_is_flagged(tmp_path: Path) -> 
     torch.save(checkpoint, tmp_path / "old.ckpt")
     with pytest.warns(UserWarning, match=r"does not record its inner optimizer .* adapts with "):
         MAML.load_from_checkpoint(tmp_path / "old.ckpt", model=MLP(2, (16,), 3))
+
+
+def _scaled_sgd(scale: float, params: Any, lr: float = 0.1) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr * scale)
+
+
+def test_a_partial_with_positional_arguments_is_described_and_rebuilt() -> None:
+    factory = functools.partial(_scaled_sgd, 0.5, lr=0.2)
+    description = describe_factory(factory)
+    assert description == {
+        "_target_": f"{__name__}._scaled_sgd",
+        "_partial_": True,
+        "_args_": [0.5],
+        "lr": 0.2,
+    }
+    # Through JSON, as a checkpoint's hyperparameters travel.
+    rebuilt = build_factory(json.loads(json.dumps(description)), "inner_optim")
+    weight = torch.nn.Parameter(torch.zeros(1))
+    assert rebuilt([weight]).param_groups[0]["lr"] == factory([weight]).param_groups[0]["lr"]
+    assert rebuilt([weight]).param_groups[0]["lr"] == pytest.approx(0.1)
