@@ -12,6 +12,11 @@ from metalight.functional import FunctionalModule, monkeypatch
 
 __all__ = ["FunctionalModule", "buffer_sync", "make_functional", "monkeypatch"]
 
+# higher's base class of every patched module. Private there too, but code written for higher
+# names it in annotations and in ``isinstance(model, higher.patch._MonkeyPatchBase)`` checks
+# (already a functional view?), which must keep working after ``import metalight as higher``.
+_MonkeyPatchBase = FunctionalModule
+
 
 def buffer_sync(
     module: nn.Module, fmodule: FunctionalModule, device: torch.device | str | None = None
