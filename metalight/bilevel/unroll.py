@@ -237,77 +237,72 @@ def unroll(
     state = detach_state(state)
     losses: list[Tensor] = []
     first_graph_step = 0 if truncate is None else max(0, steps - truncate)
+    steps_of = _Steps(opt, inner_loss, hparams)
     for step in range(first_step, first_step + steps):
-        args = (opt, inner_loss, hparams, step)
         if step - first_step < first_graph_step:
-            current, state, loss = _graphless_step(*args, current, state, meta)
+            current, state, loss = steps_of.graphless(step, current, state, meta)
         elif checkpoint:
-            current, state, loss = _recomputed_step(*args, current, state, meta, view)
+            current, state, loss = steps_of.recomputed(step, current, state, meta, view)
         else:
             with torch.enable_grad():
-                current, state, loss = _step(*args, _as_leaves(current), state, meta, True)
+                current, state, loss = steps_of.run(step, _as_leaves(current), state, meta, True)
         losses.append(loss.detach())
     return UnrollResult(current, state, losses)
 
 
-def _step(
-    opt: FunctionalOptimizer,
-    inner_loss: InnerLossFn,
-    hparams: HyperFn,
-    step: int,
-    weights: list[Tensor],
-    state: Any,
-    meta: Sequence[Tensor],
-    create_graph: bool,
-) -> tuple[list[Tensor], Any, Tensor]:
-    """One inner step on weights that require grad: loss, gradient, update."""
-    loss = inner_loss(weights, meta, step)
-    grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
-    new_params, new_state = update_per_parameter(opt, grads, state, weights, hparams(meta, step))
-    return new_params, new_state, loss
+class _Steps(NamedTuple):
+    """One inner step of a problem, in each of the three policies."""
 
+    opt: FunctionalOptimizer
+    inner_loss: InnerLossFn
+    hparams: HyperFn
 
-def _graphless_step(
-    opt: FunctionalOptimizer,
-    inner_loss: InnerLossFn,
-    hparams: HyperFn,
-    step: int,
-    params: Sequence[Tensor],
-    state: Any,
-    meta: Sequence[Tensor],
-) -> tuple[list[Tensor], Any, Tensor]:
-    """One inner step without any graph (before a truncation's cut)."""
-    detached = [m.detach() for m in meta]
-    with torch.enable_grad():
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        new_params, new_state, loss = _step(
-            opt, inner_loss, hparams, step, leaves, state, detached, False
-        )
-    return [p.detach() for p in new_params], detach_state(new_state), loss.detach()
-
-
-def _recomputed_step(
-    opt: FunctionalOptimizer,
-    inner_loss: InnerLossFn,
-    hparams: HyperFn,
-    step: int,
-    params: Sequence[Tensor],
-    state: Any,
-    meta: Sequence[Tensor],
-    view: _ModuleView | None,
-) -> tuple[list[Tensor], Any, Tensor]:
     def run(
-        weights: list[Tensor], states: list[Any], own_meta: list[Tensor], create_graph: bool
-    ) -> tuple[list[Tensor], list[Any], Tensor]:
-        new_params, new_state, loss = _step(
-            opt, inner_loss, hparams, step, weights, states[0], own_meta, create_graph
+        self,
+        step: int,
+        weights: list[Tensor],
+        state: Any,
+        meta: Sequence[Tensor],
+        create_graph: bool,
+    ) -> tuple[list[Tensor], Any, Tensor]:
+        """Loss, gradient and update on weights that require grad (the plain step)."""
+        loss = self.inner_loss(weights, meta, step)
+        grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+        new_params, new_state = update_per_parameter(
+            self.opt, grads, state, weights, self.hparams(meta, step)
         )
-        return new_params, [new_state], loss
+        return new_params, new_state, loss
 
-    # Weights enter as graph inputs that require grad, so that the recomputation
-    # differentiates through them, even at the first step after a cut (where they are
-    # detached): every weight given to the engine is trained.
-    new_params, (new_state,), loss = recomputed_step(
-        run, _as_leaves(params), [state], meta, view=view
-    )
-    return new_params, new_state, loss
+    def graphless(
+        self, step: int, params: Sequence[Tensor], state: Any, meta: Sequence[Tensor]
+    ) -> tuple[list[Tensor], Any, Tensor]:
+        """The step without any graph (before a truncation's cut)."""
+        detached = [m.detach() for m in meta]
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            new_params, new_state, loss = self.run(step, leaves, state, detached, False)
+        return [p.detach() for p in new_params], detach_state(new_state), loss.detach()
+
+    def recomputed(
+        self,
+        step: int,
+        params: Sequence[Tensor],
+        state: Any,
+        meta: Sequence[Tensor],
+        view: _ModuleView | None,
+    ) -> tuple[list[Tensor], Any, Tensor]:
+        """The step as one node that keeps its inputs and is recomputed in backward."""
+
+        def run(
+            weights: list[Tensor], states: list[Any], own_meta: list[Tensor], create_graph: bool
+        ) -> tuple[list[Tensor], list[Any], Tensor]:
+            new_params, new_state, loss = self.run(step, weights, states[0], own_meta, create_graph)
+            return new_params, [new_state], loss
+
+        # Weights enter as graph inputs that require grad, so that the recomputation
+        # differentiates through them, even at the first step after a cut (where they are
+        # detached): every weight given to the engine is trained.
+        new_params, (new_state,), loss = recomputed_step(
+            run, _as_leaves(params), [state], meta, view=view
+        )
+        return new_params, new_state, loss

@@ -1,7 +1,7 @@
 """The checkpointed bilevel unroll recomputes each step as its forward pass ran it (float64).
 
 Each test compares it with the plain unroll, which keeps every step's graph and so is the
-reference: the weights a step leaves, the view's buffers, the train/eval modes and dropout
+reference: the weights a step leaves, the model's buffers, the train/eval modes and dropout
 masks a step ran with, and what a finished meta-loss leaves alive.
 """
 
@@ -59,9 +59,11 @@ def _hypergradients(
     forward = {n: b.clone() for n, b in module.model.named_buffers()}
     outer.backward()
     after = {n: b.clone() for n, b in module.model.named_buffers()}
-    grads = [p.grad for _, p in module.named_meta_parameters()]
-    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
-    return grads, forward, after  # type: ignore[return-value]
+    grads = []
+    for name, p in module.named_meta_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+        grads.append(p.grad)
+    return grads, forward, after
 
 
 def _stateful_model(seed: int) -> nn.Module:
@@ -129,11 +131,12 @@ def _engine_unroll(checkpoint: bool) -> tuple[list[Tensor], list[Tensor], Tensor
     ]
     log_lr = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
 
-    # The loss closure reaches the unroll's own results, as a functional view's history does.
+    # The loss closure reaches the unroll's own results (below), as a functional view's
+    # history does: a cycle through autograd's graph.
     history: list[list[Tensor]] = []
 
     def loss(params: list[Tensor], meta: object, step: int) -> Tensor:
-        assert len(history) <= 1
+        assert len(history) <= 1  # the closure holds the history
         return ((x @ params[0] + params[1] - y) ** 2).mean()
 
     result = unroll(
