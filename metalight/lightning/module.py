@@ -30,6 +30,7 @@ from metalight.lightning.distributed import (
     on_any_rank,
     used_on_any_rank,
 )
+from metalight.lightning.evaluation import evaluate_batch, log_episode_metrics
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
 from metalight.lightning.finite import FiniteChecks, NonFiniteError
 from metalight.lightning.finite import all_finite as _all_finite
@@ -976,77 +977,17 @@ class MetaLearningModule(L.LightningModule):
     def _setup_metrics(self) -> None:
         self._metrics = EpisodeMetrics(self.eval_report_steps)
 
-    def _evaluate(self, batch: TaskBatch, stage: str, batch_idx: int) -> None:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MetaLearningModule adapts to each task in validation and test, which needs "
-                "gradients: create the Trainer with inference_mode=False, e.g. "
-                "lightning.Trainer(..., inference_mode=False)"
-            )
-        with torch.enable_grad():
-            for index, task in enumerate(batch):
-                try:
-                    self._evaluate_task(task, stage)
-                except NonFiniteError as err:
-                    where = f"{stage} episode {index} of batch {batch_idx}"
-                    if self.nan_policy != "skip":
-                        raise NonFiniteError(f"{where}: {err}") from err
-                    self._warn(f"skipping {where}: {err}")
-                    # Counted, never hidden: the logged means say how many were left out.
-                    self._metrics.record_diverged(
-                        stage, classification=self.is_classification(task.query_y)
-                    )
-
-    def _evaluate_task(self, task: Task, stage: str) -> None:
-        classification = self.is_classification(task.query_y)
-        values: dict[str, Tensor] = {}
-
-        def record(name: str, output: Tensor) -> None:
-            values[f"loss_{name}"] = self.outer_loss(output, task.query_y, task).detach()
-            if classification:
-                values[f"acc_{name}"] = (output.argmax(-1) == task.query_y).float().mean()
-
-        with torch.no_grad():
-            record("pre", self.model(task.query_x))
-
-        def report(done: int, predict: Callable[[Tensor], Tensor]) -> None:
-            if done in self.eval_report_steps:
-                with torch.no_grad():
-                    record(f"step{done}", predict(task.query_x))
-
-        if 0 in self.eval_report_steps:
-            report(0, self.model)
-        adaptation = self.adapt(task, self.eval_inner_steps, create_graph=False, on_step=report)
-        with torch.no_grad():
-            record("post", adaptation.predict(task.query_x))
-        post_loss = values["loss_post"]
-        if self.nan_policy != "off" and not bool(torch.isfinite(post_loss)):
-            raise NonFiniteError(
-                f"non-finite query loss {post_loss.item()} after {self.eval_inner_steps} inner "
-                "steps"
-            )
-        # An episode is recorded with all its metrics or, if any loss is NaN/Inf (possible
-        # with nan_policy="off"), counted as diverged.
-        self._metrics.record(stage, values, classification=classification)
-
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val", batch_idx)
+        evaluate_batch(self, batch, "val", batch_idx)
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", batch_idx)
+        evaluate_batch(self, batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
+        log_episode_metrics(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def _log_eval(self, stage: str) -> None:
-        # Reduced over ranks by the metrics already; sync_dist only tells Lightning so.
-        for key, value in self._metrics.compute(stage).items():
-            headline = key.endswith("_post")
-            self.log(key, value, prog_bar=headline, sync_dist=True)
-        self._metrics.reset(stage)
+        log_episode_metrics(self, "test")
 
     # --- optimizers -----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
