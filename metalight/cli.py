@@ -136,15 +136,15 @@ def _eval(args: list[str]) -> int:
 
 def _train(args: list[str], argv0: str) -> int:
     from metalight.run import (
+        RunInterrupted,
         config_dir,
         register_recipes,
         register_resolvers,
-        reset_run_dirs,
         train,
     )
-    from metalight.run.resources import note_created
+    from metalight.run.resources import note_created, reset_run_dirs
     from metalight.run.selection import objective
-    from metalight.run.train import RunInterrupted, refuse_used_run_dir
+    from metalight.run.train import refuse_used_run_dir
 
     given = _value_of(args, "hydra.run.dir")
     if given and "${" not in given and not {"-m", "--multirun"} & set(args):

@@ -10,6 +10,7 @@ named ``recipe`` or any extra search-path plugin.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -225,6 +226,19 @@ def make_run_dir(parent: str | os.PathLike[str], stamp: str | None = None) -> Pa
         return candidate
 
 
+def _check_parent(parent: Path) -> None:
+    """Raises what creating a folder under ``parent`` would (checked without creating it)."""
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == parent and not parent.is_dir():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(parent))
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+
+
 def _free_name(parent: Path, stamp: str) -> Path:
     count = 0
     while True:
@@ -242,6 +256,7 @@ def _reserved_run_dir(parent: str) -> str:
     # then would be left empty. Hydra creates the directory the run really uses.
     if parent not in _RESERVED:
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        _check_parent(Path(parent))  # an unusable paths.output_dir is named at once
         path = _free_name(Path(parent), stamp)
         # This process's run will create it: a failed start may remove it again.
         note_created(path)

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from metalight.cli import main
-from metalight.run import list_recipes, tensorboard_available
+from metalight.run import list_recipes
+from metalight.run.build import tensorboard_available
 from tests.cli.conftest import TINY, only_run_dir, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,14 +19,13 @@ from metalight.run import (
     ConfigError,
     build,
     build_datamodule,
-    build_loggers,
     build_module,
     config_dir,
     list_recipes,
     recipes_dir,
-    tensorboard_available,
     validate_config,
 )
+from metalight.run.build import build_loggers, tensorboard_available
 
 RECIPES = [recipe.name for recipe in list_recipes()]
 ALGORITHMS = {
@@ -281,3 +280,17 @@ def test_missing_data_root_says_which_override_sets_it(compose_train) -> None:
     assert "data.root=/nope/omniglot does not exist" in str(info.value)
     assert "set data.root=PATH" in str(info.value)
     assert "data.download=true" in str(info.value)
+
+
+def test_metalight_run_exports_its_public_surface_only() -> None:
+    import inspect
+
+    import metalight.run
+
+    public = {
+        name
+        for name, value in vars(metalight.run).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public == set(metalight.run.__all__)
+    assert metalight.run.RunInterrupted.__module__ == "metalight.run.train"

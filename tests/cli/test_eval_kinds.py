@@ -79,7 +79,7 @@ def test_a_bilevel_run_is_summarised_as_what_it_trained_and_eval_keeps_the_basel
 
 
 def test_noisy_digits_say_how_many_labels_are_flipped() -> None:
-    from metalight.run import describe_data
+    from metalight.run.summary import describe_data
 
     data = {"_target_": "metalight.data.digits.NoisyDigitsDataModule", "noise": 0.4}
     data |= {"train_size": 1097, "val_size": 300, "test_size": 400, "batch_size": 32}
