@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 import metalight
 from metalight.cli import main
-from metalight.data import EpisodesDataModule, OmniglotTransform
+from metalight.data import EpisodesDataModule, FixedEpisodes, OmniglotTransform
 from metalight.inference import adapt, find_checkpoint, predict_logits
 from metalight.lightning.module import MetaLearningModule
 from metalight.run import (
@@ -33,6 +33,7 @@ from metalight.run import (
     register_resolvers,
     train,
 )
+from metalight.run.episodes_eval import score_episodes
 from metalight.run.predict import predict_folders
 from tests.data.test_episodes import character_images, make_episodes
 
@@ -486,3 +487,34 @@ def test_predict_with_fewer_classes_than_outputs_chooses_among_them(
     # The Python API agrees: no label beyond the support set's two.
     labels = loaded.predict_labels(loaded.adapt(folder.x, folder.y), loaded.read_images(files))
     assert labels == [p.label for p in predictions]
+
+
+def test_episode_scores_choose_among_the_episodes_classes(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # A 5-way model whose last output is pushed far up: scored over all five outputs, the
+    # 3- and 4-way episodes would get every query wrong (label 4 names no class of theirs).
+    run_dir, _, _, _ = trained
+    loaded = metalight.load(run_dir)
+    name, bias = [(n, p) for n, p in loaded.module.model.named_parameters() if n.endswith("bias")][
+        -1
+    ]
+    assert bias.shape == (5,), name
+    with torch.no_grad():
+        bias[4] += 1000.0
+    root = make_episodes(omniglot_dir, tmp_path / "episodes")
+    episodes = FixedEpisodes(root, loaded.transform)
+    scores = score_episodes(loaded.module, episodes)
+    assert [s.ways for s in scores] == [5, 3, 4]
+    by_hand = []
+    for task in episodes:
+        adaptation = loaded.adapt(task.support_x, task.support_y)
+        logits = predict_logits(adaptation, task.query_x)
+        if len(task.info) < 5:
+            assert bool((logits.argmax(-1) == 4).all())  # what the scores must not count
+        labels = torch.tensor(loaded.predict_labels(adaptation, task.query_x))
+        by_hand.append((labels == task.query_y).double().mean().item())
+    assert [s.accuracy for s in scores] == by_hand
+    assert scores[1].accuracy > 0 and scores[2].accuracy > 0

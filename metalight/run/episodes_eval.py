@@ -101,7 +101,8 @@ def score_episodes(
             error = "non-finite outputs on the query set after adaptation"
             scores.append(EpisodeScore(*sizes, accuracy=None, diverged=True, error=error))
             continue
-        accuracy = (logits.argmax(-1) == task.query_y).double().mean().item()
+        # Outputs beyond the episode's classes name no class here (as in predict).
+        accuracy = (logits[:, :ways].argmax(-1) == task.query_y).double().mean().item()
         scores.append(EpisodeScore(*sizes, accuracy=accuracy))
     return scores
 
