@@ -95,6 +95,21 @@ def test_checkpointed_unroll_recomputes_on_the_buffers_each_step_saw() -> None:
         assert torch.equal(want_after[name], want_forward[name]), name
 
 
+def test_a_retained_graph_recomputes_on_the_same_buffers_again() -> None:
+    module = _module(_stateful_model(7), True)
+    batches, val_x, val_y = _data(7)
+    params, _, _ = module.unroll_inner(batches, *module.current_inner())
+    outer = module.outer_loss(params, val_x, val_y)
+    forward = {n: b.clone() for n, b in module.model.named_buffers()}
+    outer.backward(retain_graph=True)
+    first = [p.grad.clone() for _, p in module.named_meta_parameters()]
+    outer.backward()
+    for (_, p), g in zip(module.named_meta_parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
+    for name, b in module.model.named_buffers():
+        assert torch.equal(b, forward[name]), f"{name} moved in backward"
+
+
 def test_checkpointed_unroll_recomputes_in_the_modes_each_step_ran_in() -> None:
     model = _stateful_model(2)
     got, _, _ = _hypergradients(model, True, 3, eval_outer=True)
