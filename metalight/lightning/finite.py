@@ -25,13 +25,19 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-__all__ = ["FiniteChecks", "NonFiniteError", "all_finite", "peak"]
+__all__ = [
+    "FiniteChecks",
+    "NonFiniteError",
+    "all_finite",
+    "describe_nonfinite_inner_loss",
+    "peak",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -76,6 +82,50 @@ class FiniteChecks:
         elif not all_finite(tensors):
             fail()
 
+    def expect_inner_loss(
+        self, loss: Tensor, step: int, names: Sequence[str], params: Sequence[Tensor]
+    ) -> None:
+        """Expect a finite inner loss at ``step``, computed from the fast weights ``params``.
+
+        The error names the step and says whether the weights had already gone bad (and
+        where) or were finite (and how large).
+        """
+
+        def fail() -> None:
+            weights = zip(names, params, strict=True)
+            raise NonFiniteError(describe_nonfinite_inner_loss(loss, step, weights))
+
+        self.expect([loss], fail)
+
+    def expect_final_weights(
+        self, names: Sequence[str], params: Sequence[Tensor], steps: int
+    ) -> None:
+        """Expect finite fast weights after the last of ``steps`` inner steps."""
+
+        # Earlier steps are covered by the next step's loss check; the last one is not.
+        def fail() -> None:
+            bad = [n for n, p in zip(names, params, strict=True) if not all_finite([p])]
+            raise NonFiniteError(
+                f"non-finite fast weights in {', '.join(repr(n) for n in bad)} after inner step "
+                f"{steps - 1} (an infinite gradient or a too large inner learning rate; lower "
+                "the rate or clip gradients with grad_callback)"
+            )
+
+        self.expect(params, fail)
+
+    def expect_query_loss(self, loss: Tensor, steps: int) -> None:
+        """Expect a finite query loss after ``steps`` inner steps."""
+        query = loss.detach()
+
+        def fail() -> None:
+            raise NonFiniteError(f"non-finite query loss {query.item()} after {steps} inner steps")
+
+        self.expect([query], fail)
+
+    def expect_meta_gradient(self, grads: Sequence[Tensor | None]) -> None:
+        """Expect a finite meta-gradient."""
+        self.expect(grads, _raise_nonfinite_meta_gradient)
+
     @contextmanager
     def deferred(self, enabled: bool = True) -> Iterator[None]:
         """Defer the checks made inside the block to its end (one host sync for all).
@@ -96,3 +146,30 @@ class FiniteChecks:
                         fail()
         finally:
             self._pending = None
+
+
+def _raise_nonfinite_meta_gradient() -> None:
+    raise NonFiniteError("non-finite meta-gradient")
+
+
+def describe_nonfinite_inner_loss(
+    loss: Tensor, step: int, fast_weights: Iterable[tuple[str, Tensor]]
+) -> str:
+    """The message for a non-finite inner loss at ``step`` with these (name, weight) pairs."""
+    weights = [(n, p.detach()) for n, p in fast_weights]
+    bad = [n for n, p in weights if not bool(torch.isfinite(p).all())]
+    if bad:
+        where = (
+            f"; fast weights already non-finite: {', '.join(bad)} (from inner step "
+            f"{step - 1}: lower the inner learning rate or clip gradients with grad_callback)"
+        )
+    elif weights:
+        name, largest = max(((n, p.abs().max().item()) for n, p in weights), key=lambda t: t[1])
+        where = (
+            f" (the fast weights are finite; the largest is {largest:.3g} in {name!r}: a "
+            "diverging inner loop points to a too large inner learning rate, a small one "
+            "to non-finite support data or loss)"
+        )
+    else:
+        where = ""
+    return f"non-finite inner loss {loss.detach().item()} at inner step {step}{where}"

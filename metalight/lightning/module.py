@@ -59,10 +59,6 @@ def _zero_loss(params: Sequence[Tensor]) -> Tensor:
     return torch.zeros((), device=params[0].device) if params else torch.zeros(())
 
 
-def _raise_nonfinite_meta_gradient() -> None:
-    raise NonFiniteError("non-finite meta-gradient")
-
-
 def _empty_batch_message(batch_idx: int | None) -> str:
     where = "the meta-batch" if batch_idx is None else f"meta-batch {batch_idx}"
     return (
@@ -583,17 +579,10 @@ class MetaLearningModule(L.LightningModule):
         check = self.nan_policy != "off"
 
         def guard(loss: Tensor, step: int) -> None:
-            if not check:
-                return
-            # The weights the loss was computed from, for the message (each step makes a
-            # new list, so holding this one keeps them).
-            params = fmodel.fast_params or []
-
-            def fail() -> None:
-                weights = zip(names, params, strict=True)
-                raise NonFiniteError(self._describe_nonfinite(loss, step, weights))
-
-            self._expect_finite([loss], fail)
+            if check:
+                # The weights the loss was computed from, for the message (each step makes a
+                # new list, so holding this one keeps them).
+                self._finite.expect_inner_loss(loss, step, names, fmodel.fast_params or [])
 
         run_unroll(
             fmodel,
@@ -607,49 +596,7 @@ class MetaLearningModule(L.LightningModule):
             after_step=after_step,
         )
         if check and steps:
-            self._check_final_weights(names, fmodel.fast_params or [], steps)
-
-    def _check_final_weights(self, names: list[str], params: list[Tensor], steps: int) -> None:
-        # Earlier steps are covered by the next step's loss check; the last one is not.
-        def fail() -> None:
-            bad = [n for n, p in zip(names, params, strict=True) if not _all_finite([p])]
-            raise NonFiniteError(
-                f"non-finite fast weights in {', '.join(repr(n) for n in bad)} after inner step "
-                f"{steps - 1} (an infinite gradient or a too large inner learning rate; lower "
-                "the rate or clip gradients with grad_callback)"
-            )
-
-        self._expect_finite(params, fail)
-
-    def _expect_finite(self, tensors: Sequence[Tensor | None], fail: Callable[[], None]) -> None:
-        """Call ``fail`` (which raises) unless every entry of ``tensors`` is finite.
-
-        Inside the per-task training loop the check waits for the end of the task, where
-        all of its checks cost one host sync together (:class:`FiniteChecks`).
-        """
-        self._finite.expect(tensors, fail)
-
-    @staticmethod
-    def _describe_nonfinite(
-        loss: Tensor, step: int, fast_weights: Iterable[tuple[str, Tensor]]
-    ) -> str:
-        weights = [(n, p.detach()) for n, p in fast_weights]
-        bad = [n for n, p in weights if not bool(torch.isfinite(p).all())]
-        if bad:
-            where = (
-                f"; fast weights already non-finite: {', '.join(bad)} (from inner step "
-                f"{step - 1}: lower the inner learning rate or clip gradients with grad_callback)"
-            )
-        elif weights:
-            name, largest = max(((n, p.abs().max().item()) for n, p in weights), key=lambda t: t[1])
-            where = (
-                f" (the fast weights are finite; the largest is {largest:.3g} in {name!r}: a "
-                "diverging inner loop points to a too large inner learning rate, a small one "
-                "to non-finite support data or loss)"
-            )
-        else:
-            where = ""
-        return f"non-finite inner loss {loss.detach().item()} at inner step {step}{where}"
+            self._finite.expect_final_weights(names, fmodel.fast_params or [], steps)
 
     def task_meta_gradient(
         self, task: Task, meta_params: list[nn.Parameter], scale: float
@@ -673,14 +620,7 @@ class MetaLearningModule(L.LightningModule):
         loss = self.outer_loss(output, task.query_y, task)
         self.note_query_output(output, task)
         if self.nan_policy != "off":
-            query = loss.detach()
-
-            def fail() -> None:
-                raise NonFiniteError(
-                    f"non-finite query loss {query.item()} after {steps} inner steps"
-                )
-
-            self._expect_finite([query], fail)
+            self._finite.expect_query_loss(loss, steps)
         if step_losses:
             loss = torch.stack([*step_losses, loss]).mean()
         if not loss.requires_grad:
@@ -891,7 +831,7 @@ class MetaLearningModule(L.LightningModule):
                 with self._finite.deferred(enabled=check):
                     loss, grads = self.task_meta_gradient(task, meta_params, 1.0 / n)
                     if check:
-                        self._expect_finite(grads, _raise_nonfinite_meta_gradient)
+                        self._finite.expect_meta_gradient(grads)
             except NonFiniteError as err:
                 if self.nan_policy != "skip":
                     failure = NonFiniteError(f"task {index} of batch {batch_idx}: {err}")
