@@ -64,7 +64,8 @@ def resolve_monitor(cfg: DictConfig, monitor: str, mode: str) -> tuple[str, str]
 
 
 def _validates(trainer: L.Trainer) -> bool:
-    return trainer.limit_val_batches != 0 and not trainer.fast_dev_run
+    # fast_dev_run is set by the Trainer's constructor but not declared in its stubs.
+    return trainer.limit_val_batches != 0 and not getattr(trainer, "fast_dev_run", False)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -101,8 +101,9 @@ def tracker_locations(loggers: Sequence[Logger]) -> dict[str, dict[str, str]]:
         elif kind == "mlflow":
             uri = str(getattr(logger, "_tracking_uri", "") or "")
             where["tracking_uri"] = uri
-            where["experiment_id"] = str(logger.experiment_id or "")
-            where["run_id"] = str(logger.run_id or "")
+            # MLFlowLogger's: the run's ids (read by name: kind is known, the type is not).
+            where["experiment_id"] = str(getattr(logger, "experiment_id", "") or "")
+            where["run_id"] = str(getattr(logger, "run_id", "") or "")
             where["open"] = f"mlflow ui --backend-store-uri {uri}"
         if where:
             # One line for the end-of-run summary.
@@ -145,6 +146,6 @@ def finish_trackers(
         if kind == "tensorboard" and metrics:
             logger.log_hyperparams(config_params(cfg), metrics=dict(metrics))
             logger.finalize("success")
-        elif kind == "wandb" and getattr(logger, "_experiment", None) is not None:
-            logger._experiment.finish()
+        elif kind == "wandb" and (run := getattr(logger, "_experiment", None)) is not None:
+            run.finish()
     return places

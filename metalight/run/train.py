@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metalight.bilevel.module import BilevelModule, pop_baseline
 from metalight.data.datamodule import SinusoidDataModule
+from metalight.lightning import MetaLearningModule
 from metalight.lightning.checkpoint_io import (
     CorruptCheckpointError,
     DiskFullError,
@@ -89,6 +90,12 @@ def configure_torch(cfg: DictConfig) -> None:
         L.seed_everything(int(seed), workers=True, verbose=False)
 
 
+def _hydra_node() -> DictConfig:
+    # HydraConfig.get() is typed as Hydra's dataclass but is the DictConfig; selecting from
+    # it tolerates what a composed (not run) config leaves missing (runtime.output_dir).
+    return cast(DictConfig, HydraConfig.get())
+
+
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """This run's directory: ``paths.run_dir`` if set, else Hydra's output directory when run
     by Hydra, else a new directory under ``paths.output_dir``.
@@ -109,7 +116,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
             note_created(path)
         return path
     if HydraConfig.initialized():
-        output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
+        output_dir = OmegaConf.select(_hydra_node(), "runtime.output_dir", default=None)
         if output_dir:
             return Path(output_dir)
     return make_run_dir(OmegaConf.select(cfg, "paths.output_dir", default="runs"))
@@ -225,8 +232,8 @@ def _write_pictures(
                 lambda out: plot_training_curves(csv_path, out, title),
             )
         )
-    if isinstance(components.datamodule, SinusoidDataModule):
-        module, datamodule = components.module, components.datamodule
+    module, datamodule = components.module, components.datamodule
+    if isinstance(datamodule, SinusoidDataModule) and isinstance(module, MetaLearningModule):
         jobs.append(
             (
                 "sinusoid_tasks",
@@ -616,9 +623,9 @@ def _requeue_search_dirs(cfg: DictConfig) -> list[Path]:
     elsewhere (``hydra.sweep.dir=...``)."""
     roots = [Path(str(OmegaConf.select(cfg, "paths.output_dir", default="runs")))]
     if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
+        hydra_cfg = _hydra_node()
         sweep = OmegaConf.select(hydra_cfg, "sweep.dir", default=None)
-        if sweep and hydra_cfg.mode == RunMode.MULTIRUN:
+        if sweep and hydra_cfg.get("mode") == RunMode.MULTIRUN:
             roots.append(Path(str(sweep)))
     kept: list[Path] = []
     for root in roots:
@@ -757,7 +764,7 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
             )
         validate_config(cfg)
         configure_torch(cfg)
-        if rank_zero_only.rank == 0:
+        if getattr(rank_zero_only, "rank", 0) == 0:
             refuse_used_run_dir(run_dir, hydra_files=False)
         if ckpt_path is not None:
             resumed = _check_resume(cfg, str(ckpt_path))
@@ -779,7 +786,7 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         )
         interrupt.resumed_from = str(ckpt_path) if ckpt_path is not None else None
         trainer.callbacks.extend([interrupt, _RunConfigRecord(cfg)])  # type: ignore[attr-defined]
-        if rank_zero_only.rank == 0:
+        if getattr(rank_zero_only, "rank", 0) == 0:
             atomic_write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
         started = time.monotonic()
         # weights_only: a checkpoint holds tensors and plain values (checked above), and loading
@@ -812,7 +819,9 @@ def _train(cfg: DictConfig, interrupts: _Interrupts) -> dict[str, Any]:
         raise
     except BaseException as err:
         # A run that never trained a step failed to start: it leaves no directory behind.
-        if rank_zero_only.rank == 0 and (interrupt is None or interrupt.steps_done == 0):
+        if getattr(rank_zero_only, "rank", 0) == 0 and (
+            interrupt is None or interrupt.steps_done == 0
+        ):
             _remove_failed_start(run_dir)
         # A full disk met by a logger (metrics.csv, ...) reads as "[Errno 28]" deep inside it.
         full = as_disk_full(err, run_dir) if isinstance(err, Exception) else None
@@ -943,7 +952,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except Exception as err:
             raise ConfigError(
                 f"{override.input_line}: {key} is not in the saved config (add it with "
-                f"+{override.input_line.lstrip('+')}): {err}"
+                f"+{str(override.input_line).lstrip('+')}): {err}"
             ) from None
     return cfg
 
