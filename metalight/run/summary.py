@@ -59,6 +59,11 @@ def format_metrics(metrics: Mapping[str, float], stage: str, eval_steps: int | N
         >>> format_metrics({"test/loss_pre": 4.0, "test/loss_post": 0.5,
         ...     "test/loss_post_ci95": 0.05, "test/loss_step1": 1.2}, "test", 10)
         'MSE before adaptation 4.000 | after 1 step 1.200 | after 10 steps 0.500 ± 0.050 (95% CI)'
+        >>> format_metrics({"test/loss_post": 0.6, "test/loss_post_ci95": 0.3,
+        ...     "test/episodes": 15, "test/diverged": 5, "test/episodes_total": 20},
+        ...     "test", 10)  # doctest: +NORMALIZE_WHITESPACE
+        'MSE after 10 steps 0.600 ± 0.300 (95% CI over 15 tasks) | DIVERGED: 5 of 20 episodes
+        (NaN/Inf), left out of the means above'
     """
     accuracy = f"{stage}/acc_post" in metrics
     kind = "acc" if accuracy else "loss"
@@ -89,7 +94,19 @@ def format_metrics(metrics: Mapping[str, float], stage: str, eval_steps: int | N
             text += f" ± {show(ci)} (95% CI{over})"
         parts.append(text)
     label = "accuracy" if accuracy else "MSE"
-    return f"{label} " + " | ".join(parts) if parts else "no metrics"
+    line = f"{label} " + " | ".join(parts) if parts else "no metrics"
+    return line + _diverged_note(metrics, stage)
+
+
+def _diverged_note(metrics: Mapping[str, float], stage: str) -> str:
+    """Says how many episodes diverged: a mean over fewer episodes than were run is never
+    the headline without saying so (the means are over the finite ones)."""
+    diverged = metrics.get(f"{stage}/diverged")
+    if not diverged or diverged != diverged:  # none, or not logged
+        return ""
+    total = metrics.get(f"{stage}/episodes_total")
+    of = f" of {int(total)}" if total else ""
+    return f" | DIVERGED: {int(diverged)}{of} episodes (NaN/Inf), left out of the means above"
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
