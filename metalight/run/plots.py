@@ -23,7 +23,13 @@ from metalight.data.sinusoid import SinusoidTasks
 from metalight.lightning.checkpoint_io import atomic_write
 from metalight.lightning.module import MetaLearningModule, NonFiniteError
 
-__all__ = ["plot_sinusoid_tasks", "plot_training_curves", "read_metrics"]
+__all__ = [
+    "plot_sinusoid_tasks",
+    "plot_training_curves",
+    "read_metrics",
+    "training_curves_figure",
+    "validation_curve_keys",
+]
 
 
 def read_metrics(csv_path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -66,6 +72,21 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def validation_curve_keys(series: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """The validation metrics the training-curves picture draws: means, not their CIs or
+    the episode counts (``val/episodes``, ``val/episodes_total``, ``val/diverged``).
+
+    Example:
+        >>> validation_curve_keys({"val/acc_post": [], "val/acc_post_ci95": [],
+        ...     "val/diverged": [], "val/episodes_total": [], "train/acc": []})
+        ['val/acc_post']
+    """
+    counts = {"val/episodes", "val/episodes_total", "val/diverged"}
+    return sorted(
+        k for k in series if k.startswith("val/") and "_ci95" not in k and k not in counts
+    )
+
+
 def plot_training_curves(
     csv_path: str | os.PathLike[str], out_path: str | os.PathLike[str], title: str = ""
 ) -> Path:
@@ -102,8 +123,24 @@ def plot_training_curves(
         ax.set_axis_off()
         _save_figure(fig, out)
         return out
-    evaluation = {k: v for k, v in series.items() if k.startswith("val/") and "_ci95" not in k}
-    pairs = [(k, evaluation[k]) for k in sorted(evaluation) if k != "val/episodes"]
+    fig = training_curves_figure(series, title)
+    _save_figure(fig, out)
+    return out
+
+
+def training_curves_figure(series: dict[str, list[tuple[int, float]]], title: str = "") -> Figure:
+    """The figure of :func:`plot_training_curves` for metrics read by :func:`read_metrics`:
+    the meta-training loss (and, for classification, the query accuracy after adaptation on
+    a second axis) and the validation means.
+
+    Example:
+        >>> fig = training_curves_figure({"train/meta_loss": [(0, 2.0), (1, 1.0)],
+        ...     "train/acc": [(0, 0.3), (1, 0.6)]})
+        >>> [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        ['per logged step', 'mean of 1', 'query accuracy (mean)']
+    """
+    train = series.get("train/meta_loss", [])
+    pairs = [(k, series[k]) for k in validation_curve_keys(series)]
     fig = Figure(figsize=(11 if pairs else 6, 4), layout="constrained")
     axes = fig.subplots(1, 2 if pairs else 1, squeeze=False)[0]
     steps, values = zip(*train, strict=True)
@@ -114,6 +151,19 @@ def plot_training_curves(
     if min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
     ax.set(xlabel="meta-iteration", ylabel="query loss after adaptation", title="meta-training")
+    accuracy_points = series.get("train/acc", [])
+    if accuracy_points:
+        # Classification: the query accuracy after adaptation, on its own axis.
+        acc_steps, acc_values = zip(*accuracy_points, strict=True)
+        twin = ax.twinx()
+        twin.plot(
+            acc_steps,
+            _smooth(list(acc_values), max(1, len(acc_values) // 20)),
+            color="tab:green",
+            label="query accuracy (mean)",
+        )
+        twin.set(ylabel="query accuracy after adaptation")
+        twin.legend(loc="center right")
     ax.legend()
     ax.grid(alpha=0.3)
     if pairs:
@@ -134,8 +184,7 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    _save_figure(fig, out)
-    return out
+    return fig
 
 
 def _adapted_curves(
