@@ -34,6 +34,15 @@ from metalight.lightning.evaluation import evaluate_batch, log_episode_metrics
 from metalight.lightning.factories import UNSAVED, build_factory, describe_factory
 from metalight.lightning.finite import FiniteChecks, NonFiniteError
 from metalight.lightning.finite import all_finite as _all_finite
+from metalight.lightning.inner_lr import (
+    InnerLR,
+    base_lr,
+    make_inner_lrs,
+    select_adapted,
+)
+from metalight.lightning.inner_lr import (
+    inner_override as learned_rates_override,
+)
 from metalight.lightning.metrics import EpisodeMetrics
 from metalight.lightning.strategies import check_strategy
 from metalight.optim.differentiable import DifferentiableOptimizer
@@ -45,7 +54,6 @@ __all__ = ["Adaptation", "InnerLR", "MetaLearningModule", "NonFiniteError"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-InnerLR = Literal["scalar", "per_layer", "per_layer_per_step", "per_parameter"]
 StepCallback = Callable[[int, Callable[[Tensor], Tensor]], None]
 
 
@@ -234,7 +242,7 @@ class MetaLearningModule(L.LightningModule):
                 f"{type(model).__name__} has no trainable parameters: meta-learning needs "
                 "at least one parameter with requires_grad=True"
             )
-        self._adapted_names = self._select_adapted(adapt, trainable)
+        self._adapted_names = select_adapted(adapt, trainable, model, "adapt")
         params = dict(model.named_parameters())
         adapted = [params[n] for n in self._adapted_names]
         # Rates learned per tensor need one group per adapted tensor; otherwise one group
@@ -246,7 +254,13 @@ class MetaLearningModule(L.LightningModule):
         # Fail now, not at the first meta-step after data loading.
         differentiable_class(type(self.inner_optimizer))
         self.learn_inner_lr = learn_inner_lr
-        self.inner_lrs = self._make_inner_lrs(learn_inner_lr, params)
+        self.inner_lrs = make_inner_lrs(
+            learn_inner_lr,
+            None if learn_inner_lr is None else base_lr(self.inner_optimizer),
+            self._adapted_names,
+            params,
+            steps=max(self.inner_steps, self.eval_inner_steps),
+        )
         self.save_hyperparameters(
             ignore=["model", "inner_optim", "outer_optim", "scheduler"], logger=False
         )
@@ -268,73 +282,9 @@ class MetaLearningModule(L.LightningModule):
             self.check_vectorizable()
 
     # --- configuration helpers ---------------------------------------------------------------
-    def _select_adapted(self, adapt: Sequence[str] | None, trainable: list[str]) -> list[str]:
-        if adapt is None:
-            return trainable
-        if isinstance(adapt, str):
-            adapt = [adapt]
-        chosen = []
-        for pattern in adapt:
-            matches = [n for n in trainable if n == pattern or n.startswith(pattern + ".")]
-            if not matches:
-                raise ValueError(
-                    f"adapt={pattern!r} matches no trainable parameter of "
-                    f"{type(self.model).__name__}; its parameters are: {', '.join(trainable)}"
-                )
-            chosen.extend(m for m in matches if m not in chosen)
-        return [n for n in trainable if n in chosen]
-
-    def _base_lr(self) -> float:
-        lr = self.inner_optimizer.param_groups[0].get("lr")
-        if lr is None:
-            raise ValueError(
-                f"learn_inner_lr needs an inner optimizer with an 'lr' hyperparameter; "
-                f"{type(self.inner_optimizer).__name__} has none"
-            )
-        return float(lr)
-
-    def _make_inner_lrs(
-        self, mode: InnerLR | None, params: dict[str, nn.Parameter]
-    ) -> nn.ParameterList:
-        lrs = nn.ParameterList()
-        if mode is None:
-            return lrs
-        lr = self._base_lr()
-        n = len(self._adapted_names)
-        # The rates follow the adapted weights' dtype and device: a float64 model gets float64
-        # rates (float32 ones would round every inner step of an exact float64 computation).
-        first = params[self._adapted_names[0]]
-        like = {"dtype": first.dtype, "device": first.device}
-        if mode == "scalar":
-            lrs.append(nn.Parameter(torch.tensor(lr, **like)))
-        elif mode == "per_layer":
-            lrs.extend(nn.Parameter(torch.tensor(lr, **like)) for _ in range(n))
-        elif mode == "per_layer_per_step":
-            steps = max(self.inner_steps, self.eval_inner_steps, 1)
-            lrs.extend(nn.Parameter(torch.full((steps,), lr, **like)) for _ in range(n))
-        elif mode == "per_parameter":
-            lrs.extend(
-                nn.Parameter(torch.full_like(params[name].detach(), lr))
-                for name in self._adapted_names
-            )
-        else:
-            raise ValueError(
-                "learn_inner_lr must be None, 'scalar', 'per_layer', 'per_layer_per_step' or "
-                f"'per_parameter', got {mode!r}"
-            )
-        return lrs
-
     def inner_override(self, step: int) -> dict[str, list[Any]] | None:
         """Hyperparameters of inner step ``step`` (learnable learning rates), or None."""
-        mode = self.learn_inner_lr
-        if mode is None:
-            return None
-        if mode == "scalar":
-            return {"lr": [self.inner_lrs[0]]}
-        if mode == "per_layer_per_step":
-            last = self.inner_lrs[0].shape[0] - 1
-            return {"lr": [lr[min(step, last)] for lr in self.inner_lrs]}
-        return {"lr": list(self.inner_lrs)}
+        return learned_rates_override(self.learn_inner_lr, self.inner_lrs, step)
 
     # --- hooks ----------------------------------------------------------------------------------
     def is_classification(self, target: Tensor) -> bool:
