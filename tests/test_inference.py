@@ -518,3 +518,36 @@ def test_episode_scores_choose_among_the_episodes_classes(
         by_hand.append((labels == task.query_y).double().mean().item())
     assert [s.accuracy for s in scores] == by_hand
     assert scores[1].accuracy > 0 and scores[2].accuracy > 0
+
+
+def test_load_refuses_a_run_whose_module_does_not_adapt(tmp_path: Path) -> None:
+    # A bilevel run (learned inner learning rate): its config builds no MetaLearningModule.
+    # The refusal comes before the checkpoint is read, so an empty one shows it.
+    from omegaconf import OmegaConf
+
+    from metalight.run.errors import ConfigError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    register_resolvers()
+    register_recipes()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["+recipe=hyper_lr", f"paths.run_dir={run}"])
+    OmegaConf.save(cfg, run / "config.yaml")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"which does not adapt to support sets: metalight\.lo"):
+        metalight.load(run)
+
+
+def test_load_with_a_model_that_does_not_fit_is_one_line(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+) -> None:
+    from metalight.run.errors import ConfigError
+
+    run_dir, _, _, _ = trained
+    with pytest.raises(ConfigError) as info:
+        metalight.load(run_dir, overrides=["model.hidden=16"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "do not fit the model of its run's config.yaml" in message
+    assert "size mismatch for model." in message and "Build the module with the" in message
