@@ -75,6 +75,24 @@ def _empty_batch_message(batch_idx: int | None) -> str:
     )
 
 
+def _adapted_argument(
+    adapted: Sequence[str] | None, adapt: Sequence[str] | None
+) -> tuple[Sequence[str] | None, str]:
+    """The adapted parameters from ``adapted=`` or its former name ``adapt=``, and which."""
+    if adapt is None:
+        return adapted, "adapted"
+    if adapted is not None and _names(adapted) != _names(adapt):
+        raise ValueError(
+            f"adapted={_names(adapted)} and adapt={_names(adapt)} both given: adapt= is the "
+            "former name of adapted=; pass adapted= only"
+        )
+    return adapt, "adapt"
+
+
+def _names(value: Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _factory_or_deferred_error(value: Any, argument: str) -> Callable[..., Any]:
     """The factory of ``value``; for an unsaved one, a factory that explains when called."""
     if isinstance(value, Mapping) and UNSAVED in value:
@@ -114,8 +132,9 @@ class MetaLearningModule(L.LightningModule):
         checkpoint_unroll: recompute each inner step's activations during the backward
             pass instead of storing them (memory grows with the inner steps only by the fast
             weights; the meta-gradient is unchanged). Needs a built-in inner optimizer.
-        adapt: names (or name prefixes) of the parameters adapted in the inner loop;
-            None adapts all trainable parameters.
+        adapted: names (or name prefixes) of the parameters adapted in the inner loop;
+            None adapts all trainable parameters. Saved in the hyperparameters under this
+            name.
         learn_inner_lr: learnable inner learning rates: "scalar" (one), "per_layer" (one
             per adapted parameter tensor), "per_layer_per_step" (MAML++), "per_parameter"
             (Meta-SGD: one per weight entry). None keeps the optimizer's fixed lr.
@@ -132,6 +151,8 @@ class MetaLearningModule(L.LightningModule):
             measured faster: models without convolutions (an MLP meta-step ran 2-11x faster
             on 2 CPU cores; Conv-4 ran 1.6-2.6x slower, and the loop keeps memory flat in the
             meta-batch), and only for the algorithms it supports.
+        adapt: the former name of ``adapted`` (not to be confused with the method
+            :meth:`adapt`), still accepted for existing code, configs and checkpoints.
 
     Example:
         >>> import functools, torch
@@ -181,12 +202,13 @@ class MetaLearningModule(L.LightningModule):
         first_order: bool = False,
         truncate: int | None = None,
         checkpoint_unroll: bool = False,
-        adapt: Sequence[str] | None = None,
+        adapted: Sequence[str] | None = None,
         learn_inner_lr: InnerLR | None = None,
         multi_step_loss: bool = False,
         task_type: Literal["auto", "classification", "regression"] = "auto",
         nan_policy: Literal["raise", "skip", "off"] = "raise",
         vectorize_tasks: bool | Literal["auto"] = "auto",
+        adapt: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
@@ -242,14 +264,15 @@ class MetaLearningModule(L.LightningModule):
                 f"{type(model).__name__} has no trainable parameters: meta-learning needs "
                 "at least one parameter with requires_grad=True"
             )
-        self._adapted_names = select_adapted(adapt, trainable, model, "adapt")
+        adapted, argument = _adapted_argument(adapted, adapt)
+        self._adapted_names = select_adapted(adapted, trainable, model, argument)
         params = dict(model.named_parameters())
-        adapted = [params[n] for n in self._adapted_names]
+        adapted_params = [params[n] for n in self._adapted_names]
         # Rates learned per tensor need one group per adapted tensor; otherwise one group
         # keeps the per-step work small.
         per_tensor = learn_inner_lr in ("per_layer", "per_layer_per_step", "per_parameter")
         self.inner_optimizer = self._inner_optim_factory(
-            [{"params": [p]} for p in adapted] if per_tensor else adapted
+            [{"params": [p]} for p in adapted_params] if per_tensor else adapted_params
         )
         # Fail now, not at the first meta-step after data loading.
         differentiable_class(type(self.inner_optimizer))
@@ -262,7 +285,9 @@ class MetaLearningModule(L.LightningModule):
             steps=max(self.inner_steps, self.eval_inner_steps),
         )
         self.save_hyperparameters(
-            ignore=["model", "inner_optim", "outer_optim", "scheduler"], logger=False
+            # adapt is saved as adapted (its value resolved above).
+            ignore=["model", "inner_optim", "outer_optim", "scheduler", "adapt"],
+            logger=False,
         )
         for name in self._saved_factories:
             self.hparams[name] = self._factory_descriptions[name]
