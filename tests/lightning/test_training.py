@@ -329,3 +329,13 @@ def test_checkpoint_holds_everything_learned_and_resumes(tmp_path: Path) -> None
     )
     for (name, a), b in zip(restored.named_parameters(), straight.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_meta_sgd_refuses_an_inner_optimizer_and_learns_per_parameter_rates() -> None:
+    with pytest.raises(ValueError, match=r"MetaSGD's inner optimizer is SGD with learned rates"):
+        MetaSGD(MLP(), inner_optim=functools.partial(torch.optim.Adam, lr=0.1))
+    module = MetaSGD(MLP(), inner_lr=0.05)
+    assert module.learn_inner_lr == "per_parameter"
+    rates = [p for n, p in module.named_parameters() if not n.startswith("model.")]
+    assert len(rates) == len(list(module.model.parameters()))
+    assert all(torch.equal(r, torch.full_like(r, 0.05)) for r in rates)
