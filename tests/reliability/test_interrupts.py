@@ -1,8 +1,9 @@
 """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) save the step in progress, write
 what the run has, print the resume command and exit 143 / 130; the resume then finishes
 bitwise as the uninterrupted run does; with ``trainer=slurm``, SIGUSR1 also requeues the job
-and the requeued job resumes by itself. Every run is the real ``metalight train`` process;
-the stopped runs and the reference run side by side, then the resumes side by side.
+and the requeued job resumes by itself. The run stopped by SIGTERM is a real ``metalight``
+process (its exit status is the process's); the others call the same command in this process
+meanwhile, which spares a fresh Python's imports for each.
 
 The signal is sent by the process itself, through the test hook ``METALIGHT_TEST_SIGNAL_AT_STEP``
 (``STEP[:SIGNAL]``: the signal arrives while meta-iteration STEP trains), at a step drawn at
@@ -11,6 +12,8 @@ random (printed in every failure), always before the first periodic checkpoint (
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -18,6 +21,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,7 @@ ARGS = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
+    "num_threads=1",  # runs in this process and the real one do the same arithmetic
 ]
 SEED = int(time.time())
 STOPS = dict(
@@ -99,16 +104,44 @@ def slurm_env(tmp: Path, array_task: int | None = None) -> dict[str, str]:
     return env
 
 
+def _run_here(cwd: Path, args: list[str], env: dict[str, str]) -> Done:
+    """``metalight ARGS`` called in this process (``main``), in ``cwd`` with ``env`` added:
+    the same command path, signals and exit status as a real process, without the seconds
+    a fresh Python spends importing torch and Lightning."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        cwd.mkdir(parents=True, exist_ok=True)
+        patch.chdir(cwd)
+        patch.delenv("HYDRA_FULL_ERROR", raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(args)
+    return Done(cwd, status, out.getvalue(), err.getvalue())
+
+
 def _run_all(jobs: dict[str, tuple[Path, list[str], dict[str, str]]]) -> dict[str, Done]:
-    started = {name: (cwd, start_cli(args, cwd, env)) for name, (cwd, args, env) in jobs.items()}
-    return {name: Done(cwd, *finish_cli(proc, cwd)) for name, (cwd, proc) in started.items()}
+    """The SIGTERM job as a real process (a scheduler's signal to a real ``metalight``, its
+    exit status the process's), meanwhile the others in this process, one after another."""
+    real = {n: (cwd, start_cli(a, cwd, e)) for n, (cwd, a, e) in jobs.items() if n == "SIGTERM"}
+    done = {n: _run_here(*job) for n, job in jobs.items() if n not in real}
+    done.update({n: Done(cwd, *finish_cli(proc, cwd)) for n, (cwd, proc) in real.items()})
+    return done
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
-    """The uninterrupted run and one run stopped by each signal, side by side; then, side by
-    side, their resumes (``NAME/resume``): the printed command, or for SLURM the same
-    command in the same job (the requeued job)."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Done]]:
+    """The uninterrupted run and one run stopped by each signal; then their resumes
+    (``NAME/resume``): the printed command, or for SLURM the same command in the same job
+    (the requeued job)."""
+    threads = torch.get_num_threads()
+    try:
+        yield _runs(tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)  # num_threads=1 of the runs in this process
+
+
+def _runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Done]:
     first: dict[str, tuple[Path, list[str], dict[str, str]]] = {
         "reference": (tmp_path_factory.mktemp("reference"), ARGS, {})
     }
@@ -247,7 +280,11 @@ def test_a_signal_before_the_first_step_saves_nothing_and_says_how_to_start_agai
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "0")
     before = signal.getsignal(signal.SIGTERM)
-    assert main(ARGS) == 143
+    threads = torch.get_num_threads()
+    try:
+        assert main(ARGS) == 143
+    finally:
+        torch.set_num_threads(threads)
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are given back
     run_dir = the_run(tmp_path)
     results = json.loads((run_dir / "results.json").read_text())
