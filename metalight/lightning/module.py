@@ -45,6 +45,7 @@ from metalight.lightning.inner_lr import (
 )
 from metalight.lightning.metrics import EpisodeMetrics
 from metalight.lightning.strategies import check_strategy
+from metalight.lightning.support import adapt_arguments, model_tensor
 from metalight.optim.differentiable import DifferentiableOptimizer
 from metalight.optim.registry import differentiable_class, get_diff_optim
 from metalight.unroll import UnrollPolicy, run_unroll
@@ -394,100 +395,25 @@ class MetaLearningModule(L.LightningModule):
                 "adapt() takes gradients, which inference mode forbids: call it under "
                 "torch.no_grad() instead (and use lightning.Trainer(inference_mode=False))"
             )
-        task, steps = self._adapt_arguments(support_x, support_y, steps)
+        task, steps = adapt_arguments(
+            support_x,
+            support_y,
+            steps,
+            model=self.model,
+            default_steps=self.eval_inner_steps,
+            is_classification=self.is_classification,
+        )
         caller_grad = torch.is_grad_enabled()
         with torch.enable_grad():
             adaptation = self.adapt_task(task, steps, create_graph=create_graph, on_step=on_step)
         adaptation.classification = self.is_classification(task.support_y)
         adaptation._support_y = task.support_y
-        adaptation._like = self._model_tensor()
+        adaptation._like = model_tensor(self.model)
         if not caller_grad:
             # The caller asked for no graph: nothing it gets back leads to the meta-parameters.
             adaptation.fast_params = [p.detach() for p in adaptation.fast_params]
             adaptation._no_grad = True
         return adaptation
-
-    def _adapt_arguments(
-        self, support_x: Tensor | Task, support_y: Tensor | int | None, steps: int | None
-    ) -> tuple[Task, int]:
-        if isinstance(support_x, Task):
-            task = support_x
-            if isinstance(support_y, int) and not isinstance(support_y, bool):
-                if steps is not None:
-                    raise TypeError(f"adapt(task, {support_y}, {steps}): steps given twice")
-                steps = support_y
-            elif support_y is not None:
-                raise TypeError(
-                    "adapt(task, ...) reads the support set from the task: call adapt(task, "
-                    "steps) or adapt(support_x, support_y, steps)"
-                )
-        elif isinstance(support_x, Tensor) and isinstance(support_y, Tensor):
-            if support_x.shape[:1] != support_y.shape[:1]:
-                raise ValueError(
-                    f"adapt(support_x, support_y): {support_x.shape[0]} inputs but "
-                    f"{support_y.shape[0]} targets; pass one target per support input"
-                )
-            if not support_x.shape[0]:
-                raise ValueError(
-                    "adapt(support_x, support_y): the support set is empty; pass at least one "
-                    "example (a support set holds one or more per class)"
-                )
-            support_x, support_y = self._support_tensors(support_x, support_y)
-            # The query fields are empty: adaptation reads the support set only.
-            task = Task(support_x, support_y, support_x[:0], support_y[:0], support_y.new_zeros(0))
-        elif isinstance(support_y, Sequence) and any(isinstance(v, str) for v in support_y):
-            raise TypeError(
-                "adapt(support_x, support_y): support_y holds class names; pass labels "
-                "0..N-1 instead, e.g. names = sorted(set(y)); "
-                "torch.tensor([names.index(c) for c in y])"
-            )
-        else:
-            raise TypeError(
-                "adapt() takes (support_x, support_y, steps) tensors or a Task, got "
-                f"({type(support_x).__name__}, {type(support_y).__name__})"
-            )
-        steps = self.eval_inner_steps if steps is None else steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"adapt(): steps must be an integer >= 0, got {steps!r}")
-        return task, steps
-
-    def _model_tensor(self) -> Tensor | None:
-        """A floating-point weight of the model: its dtype and device are the inputs'."""
-        return next((p for p in self.model.parameters() if p.is_floating_point()), None)
-
-    def _support_tensors(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """A user's support set on the model's device and dtype, its labels checked."""
-        like = self._model_tensor()
-        if like is not None:
-            x = x.to(like.device, like.dtype if x.is_floating_point() else x.dtype)
-            y = y.to(like.device)
-        if not self.is_classification(y):
-            return x, y.to(like.dtype) if like is not None and y.is_floating_point() else y
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
-            raise ValueError(
-                f"adapt(support_x, support_y): class labels must be one integer per input "
-                f"(shape [n]), got {y.dtype} of shape {list(y.shape)}"
-            )
-        y = y.long()  # cross-entropy takes int64 labels; int32 ones come from numpy often
-        # A look at the output width must not move BatchNorm's running statistics; each
-        # submodule gets its own mode back (a user may keep some in eval mode).
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                outputs = self.model(x).shape[-1]
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= outputs):
-            found = sorted(set(y.tolist()))
-            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
-            raise ValueError(
-                f"adapt(support_x, support_y): labels must be 0..{outputs - 1} (the model has "
-                f"{outputs} outputs), got {shown}; number the classes 0..N-1, e.g. "
-                "torch.unique(y, return_inverse=True)[1]"
-            )
-        return x, y
 
     def adapt_task(
         self,
