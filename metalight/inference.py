@@ -138,13 +138,23 @@ def check_classes(module: MetaLearningModule, support_x: Tensor, ways: int, what
         what: What holds the classes, for the message (a folder's path, ...).
 
     Raises:
-        ValueError: If ``ways`` exceeds the model's outputs.
+        ValueError: If ``ways`` exceeds the model's outputs, or the model cannot take the
+            inputs (images of another size than in training).
     """
     training = module.training
     module.eval()  # a look at the output width must not move BatchNorm's running statistics
     try:
         with torch.no_grad():
             outputs = module(support_x).shape[-1]
+    except RuntimeError as err:
+        # Mostly images of another size than training's, with a transform that keeps sizes
+        # (image_size=null): the model's first fixed-size layer fails deep inside.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"the model cannot read the inputs of {what} (shape {list(support_x.shape[1:])}): "
+            f"{first}; give inputs of the shape it was trained on (for images, set the data's "
+            "image_size so that they are resized as in training)"
+        ) from None
     finally:
         module.train(training)
     if ways > outputs:

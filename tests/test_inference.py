@@ -551,3 +551,27 @@ def test_load_with_a_model_that_does_not_fit_is_one_line(
     assert "\n" not in message
     assert "do not fit the model of its run's config.yaml" in message
     assert "size mismatch for model." in message and "Build the module with the" in message
+
+
+def test_images_the_model_cannot_read_are_refused_in_one_line(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # A transform that keeps sizes (image_size=null) hands the 28x28-trained model Omniglot's
+    # 105x105 drawings; its error deep inside becomes one line that says what to do.
+    run_dir, _, _, _ = trained
+    loaded = metalight.load(run_dir)
+    loaded.transform = OmniglotTransform(image_size=None)
+    support, query = tmp_path / "support", tmp_path / "query"
+    images = character_images(omniglot_dir, "Latin", "character01")
+    (support / "a").mkdir(parents=True)
+    (support / "a" / "0.png").write_bytes(images[0])
+    query.mkdir()
+    (query / "1.png").write_bytes(images[1])
+    with pytest.raises(ValueError) as info:
+        predict_folders(loaded, support, query)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"the model cannot read the inputs of support folder {support} ")
+    assert "(shape [1, 105, 105])" in message and "set the data's image_size" in message
