@@ -575,3 +575,29 @@ def test_images_the_model_cannot_read_are_refused_in_one_line(
     assert "\n" not in message
     assert message.startswith(f"the model cannot read the inputs of support folder {support} ")
     assert "(shape [1, 105, 105])" in message and "set the data's image_size" in message
+
+
+def test_query_images_of_another_size_than_the_support_are_refused(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str],
+    omniglot_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    run_dir, _, _, _ = trained
+    loaded = metalight.load(run_dir)
+    loaded.transform = OmniglotTransform(image_size=None)
+    support, query = tmp_path / "support", tmp_path / "query"
+    images = character_images(omniglot_dir, "Latin", "character01")
+    (support / "a").mkdir(parents=True)
+    (query).mkdir()
+    (query / "1.png").write_bytes(images[1])  # 105x105
+    with Image.open(io.BytesIO(images[0])) as drawing:
+        drawing.resize((28, 28)).save(support / "a" / "0.png")  # the size the model reads
+    with pytest.raises(ValueError) as info:
+        predict_folders(loaded, support, query)
+    assert str(info.value) == (
+        "the query images have shape [1, 105, 105] but the support images [1, 28, 28]; give "
+        "images of one size (for a run that keeps image sizes, resize them as the training "
+        "images were)."
+    )

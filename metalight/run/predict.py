@@ -107,6 +107,12 @@ def predict_folders(
     folder = trained.read_folder(support, what="support folder")
     files = list_query_images(query)
     x = trained.read_images(files)
+    if x.shape[1:] != folder.x.shape[1:]:
+        raise ValueError(
+            f"the query images have shape {list(x.shape[1:])} but the support images "
+            f"{list(folder.x.shape[1:])}; give images of one size (for a run that keeps image "
+            "sizes, resize them as the training images were)."
+        )
     device = trained.module.device
     ways = len(folder.class_names)
     check_classes(trained.module, folder.x.to(device), ways, f"support folder {folder.root}")
