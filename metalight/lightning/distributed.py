@@ -31,12 +31,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from metalight.lightning.finite import NonFiniteError
+
 __all__ = [
     "global_counts",
     "is_distributed",
     "merge_used",
     "meta_gradient_surrogate",
     "on_any_rank",
+    "raise_on_any_rank",
     "used_on_any_rank",
 ]
 
@@ -53,6 +56,24 @@ def on_any_rank(trainer: L.Trainer | None, flag: bool, device: torch.device) -> 
     assert trainer is not None
     count = torch.tensor([float(flag)], device=device)
     return bool(trainer.strategy.reduce(count, reduce_op="sum").item() > 0)
+
+
+def raise_on_any_rank(
+    trainer: L.Trainer | None, failure: NonFiniteError | None, batch_idx: int, device: torch.device
+) -> None:
+    """Raise ``failure`` on every rank if any rank has one (every rank must call it).
+
+    A rank that raised alone would leave the others waiting in the gradient all-reduce: the
+    ranks agree on a failure (one flag reduced), and all raise, a rank without its own with
+    an error that points to the one that has it.
+    """
+    if on_any_rank(trainer, failure is not None, device) and failure is None:
+        failure = NonFiniteError(
+            f"batch {batch_idx}: another process met a non-finite value "
+            "(nan_policy='raise'); its error names the task and the inner step"
+        )
+    if failure is not None:
+        raise failure
 
 
 def global_counts(

@@ -28,6 +28,7 @@ from metalight.lightning.distributed import (
     merge_used,
     meta_gradient_surrogate,
     on_any_rank,
+    raise_on_any_rank,
     used_on_any_rank,
 )
 from metalight.lightning.evaluation import evaluate_batch, log_episode_metrics
@@ -748,15 +749,7 @@ class MetaLearningModule(L.LightningModule):
                 if g is not None:
                     accumulated[i] = g if accumulated[i] is None else accumulated[i] + g
         if self.nan_policy == "raise":
-            # A rank that raised alone would leave the others waiting in the gradient
-            # all-reduce: the ranks agree on a failure (one flag reduced), and all raise.
-            if on_any_rank(self._trainer, failure is not None, self.device) and failure is None:
-                failure = NonFiniteError(
-                    f"batch {batch_idx}: another process met a non-finite value "
-                    "(nan_policy='raise'); its error names the task and the inner step"
-                )
-            if failure is not None:
-                raise failure
+            raise_on_any_rank(self._trainer, failure, batch_idx, self.device)
         kept, total = len(losses), n
         if self.nan_policy == "skip":
             # Every rank must agree on how many tasks were kept: DDP averages ranks equally,
