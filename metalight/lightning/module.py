@@ -6,6 +6,15 @@ task's contribution to the meta-gradient at once (so its unroll graph is freed b
 next task runs), and return one scalar to Lightning. The scalar is built so that its
 gradient is the accumulated meta-gradient: Lightning then runs one backward, one DDP
 all-reduce, gradient clipping, accumulation, precision scaling and the outer step as usual.
+
+This module holds the class and the hooks a subclass overrides; each other job lives beside
+it: :mod:`~metalight.lightning.adaptation` (what ``adapt`` returns),
+:mod:`~metalight.lightning.support` (``adapt``'s argument checks),
+:mod:`~metalight.lightning.inner_lr` (adapted parameters, learned inner rates),
+:mod:`~metalight.lightning.finite` (the NaN policy's checks),
+:mod:`~metalight.lightning.distributed` (what the ranks agree on),
+:mod:`~metalight.lightning.evaluation` and :mod:`~metalight.lightning.metrics` (validation
+and test), :mod:`~metalight.lightning.factories` (optimizers saved in checkpoints).
 """
 
 from __future__ import annotations
