@@ -122,6 +122,9 @@ def test_train_resumes_from_a_checkpoint_into_a_new_run_directory(
     assert resumed != run_dir
     results = _results(resumed)
     assert results["steps"] == 5 and results["resumed_from"] == str(ckpt)
+    # A fresh start would also end at step 5: the run must have started from the
+    # checkpoint's step 3 and trained only the 2 steps after it.
+    assert (results["start_step"], results["steps_this_run"]) == (3, 2)
 
 
 def test_resuming_with_another_seed_is_refused_in_one_line(
