@@ -654,13 +654,9 @@ def test_differentiable_optimizer_state_dict_loads_into_torch_optim() -> None:
     assert all(int(s["step"]) == 1 for s in opt.state.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="apply_trainable_opt_params writes floats where the group held ints "
-    "(weight_decay=0 becomes 0.0); higher casts each value back to the group's type",
-)
 def test_apply_trainable_opt_params_keeps_the_groups_value_types() -> None:
+    # higher casts each learned value back to the type the group held: weight_decay=0 stays
+    # the int 0, amsgrad stays a bool, betas a tuple of floats.
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     learned = higher.optim.get_trainable_opt_params(opt)
@@ -670,3 +666,9 @@ def test_apply_trainable_opt_params_keeps_the_groups_value_types() -> None:
         higher.utils.flatten(opt.param_groups), higher.utils.flatten(fresh.param_groups)
     ):
         assert type(old) is type(new)
+    group, new_group = opt.param_groups[0], fresh.param_groups[0]
+    for key in ("lr", "weight_decay", "eps", "amsgrad"):
+        assert type(new_group[key]) is type(group[key]), key
+        assert new_group[key] == group[key], key
+    assert new_group["betas"] == group["betas"]
+    assert all(type(b) is float for b in new_group["betas"])

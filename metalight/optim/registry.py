@@ -262,6 +262,18 @@ def _to_number(value: Any) -> Any:
     return value
 
 
+def _like(value: Any, old: Any) -> Any:
+    """``value`` as a number of ``old``'s type (higher casts back: ``weight_decay=0`` stays 0)."""
+    if isinstance(value, tuple) and isinstance(old, tuple) and len(value) == len(old):
+        return type(old)(_like(v, o) for v, o in zip(value, old, strict=True))
+    number = _to_number(value)
+    # bool first: it is an int, and True must not become 1.
+    for kind in (bool, int, float):
+        if type(old) is kind and isinstance(number, (bool, int, float)):
+            return kind(number)
+    return number
+
+
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Override) -> None:
     """Write (learned) hyperparameters back into a ``torch.optim`` optimizer's groups.
 
@@ -281,4 +293,4 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Override) -
         if len(values) != n:
             raise ValueError(f"override[{key!r}] has {len(values)} values for {n} parameter groups")
         for group, v in zip(opt.param_groups, values, strict=True):
-            group[key] = _to_number(v)
+            group[key] = _like(v, group[key]) if key in group else _to_number(v)
