@@ -29,7 +29,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["InnerLR", "base_lr", "inner_override", "make_inner_lrs", "select_adapted"]
+__all__ = [
+    "InnerLR",
+    "base_lr",
+    "inner_override",
+    "make_inner_lrs",
+    "resolve_adapted",
+    "select_adapted",
+]
 
 InnerLR = Literal["scalar", "per_layer", "per_layer_per_step", "per_parameter"]
 
@@ -66,6 +73,28 @@ def select_adapted(
             )
         chosen.extend(m for m in matches if m not in chosen)
     return [n for n in trainable if n in chosen]
+
+
+def resolve_adapted(
+    adapted: Sequence[str] | None, adapt: Sequence[str] | None
+) -> tuple[Sequence[str] | None, str]:
+    """The patterns of ``adapted=`` or of its former name ``adapt=``, and which was used.
+
+    The same choice under both names is one choice (a subclass may pass one, its caller the
+    other); two different ones are refused.
+    """
+    if adapt is None:
+        return adapted, "adapted"
+    if adapted is not None and _names(adapted) != _names(adapt):
+        raise ValueError(
+            f"adapted={_names(adapted)} and adapt={_names(adapt)} both given: adapt= is the "
+            "former name of adapted=; pass adapted= only"
+        )
+    return adapt, "adapt"
+
+
+def _names(value: Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -48,6 +48,7 @@ from metalight.lightning.inner_lr import (
     InnerLR,
     base_lr,
     make_inner_lrs,
+    resolve_adapted,
     select_adapted,
 )
 from metalight.lightning.inner_lr import (
@@ -84,24 +85,6 @@ def _empty_batch_message(batch_idx: int | None) -> str:
         f"{where} holds no tasks: a meta-step needs at least one; check the data module's "
         "meta_batch_size (and, under DDP, that it is at least the number of processes)"
     )
-
-
-def _adapted_argument(
-    adapted: Sequence[str] | None, adapt: Sequence[str] | None
-) -> tuple[Sequence[str] | None, str]:
-    """The adapted parameters from ``adapted=`` or its former name ``adapt=``, and which."""
-    if adapt is None:
-        return adapted, "adapted"
-    if adapted is not None and _names(adapted) != _names(adapt):
-        raise ValueError(
-            f"adapted={_names(adapted)} and adapt={_names(adapt)} both given: adapt= is the "
-            "former name of adapted=; pass adapted= only"
-        )
-    return adapt, "adapt"
-
-
-def _names(value: Sequence[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _factory_or_deferred_error(value: Any, argument: str) -> Callable[..., Any]:
@@ -275,7 +258,7 @@ class MetaLearningModule(L.LightningModule):
                 f"{type(model).__name__} has no trainable parameters: meta-learning needs "
                 "at least one parameter with requires_grad=True"
             )
-        adapted, argument = _adapted_argument(adapted, adapt)
+        adapted, argument = resolve_adapted(adapted, adapt)
         self._adapted_names = select_adapted(adapted, trainable, model, argument)
         params = dict(model.named_parameters())
         adapted_params = [params[n] for n in self._adapted_names]
