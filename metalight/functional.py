@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import types
 import weakref
@@ -386,6 +387,12 @@ class FunctionalModule:
         """Same as calling the view."""
         return self(*args, params=params, **kwargs)
 
+    def boxed_forward(
+        self, *args: Any, params: Sequence[Tensor] | None = None, **kwargs: Any
+    ) -> Any:
+        """Same as calling the view (higher's patched modules have this name too)."""
+        return self(*args, params=params, **kwargs)
+
     # --- fast weights ----------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
@@ -500,6 +507,93 @@ class FunctionalModule:
     def buffers(self) -> Iterator[Tensor]:
         """This view's own copies of the module's buffers."""
         return (b for _, b in self.named_buffers())
+
+    def state_dict(
+        self,
+        *,
+        destination: dict[str, Any] | None = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+    ) -> dict[str, Any]:
+        """The module's ``state_dict`` keys holding this view's latest fast weights and buffers.
+
+        As in higher, ``model.load_state_dict(fmodel.state_dict())`` keeps what the inner
+        loop learned. The module is only read: its own weights and buffers stay as they are.
+        Entries that are neither a parameter nor a buffer (a module's extra state) are the
+        module's own.
+
+        Args:
+            destination: a dict to fill and return (a new ordered dict when None).
+            prefix: prepended to every key.
+            keep_vars: False (the default, as ``nn.Module.state_dict``) gives detached
+                tensors; True gives the fast weights themselves, graph and all.
+
+        Returns:
+            The filled ``destination``.
+
+        Raises:
+            ValueError: if the view holds no fast weights yet.
+
+        Example:
+            >>> import torch
+            >>> from metalight.functional import monkeypatch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> fmodel = monkeypatch(model)
+            >>> fmodel.update_params([p + 1 for p in fmodel.parameters()])
+            >>> torch.equal(fmodel.state_dict()["bias"], model.bias.detach() + 1)
+            True
+        """
+        root = self._root
+        params = root.latest()
+        out: dict[str, Any] = collections.OrderedDict() if destination is None else destination
+        start = self._prefix + "." if self._prefix else ""
+        # keep_vars=True: the module's own tensors, only used for their keys and extra state.
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            index = root.aliases.get(start + key)
+            if index is not None:
+                value = params[index]
+            else:
+                buffer = root.layout.buffer_aliases.get(start + key)
+                if buffer is not None:
+                    value = root.buffers[buffer]
+            if isinstance(value, Tensor) and not keep_vars:
+                value = value.detach()
+            out[prefix + key] = value
+        return out
+
+    def to(self, *args: Any, **kwargs: Any) -> FunctionalModule:
+        """Move or cast the view's fast weights and buffers (as ``Tensor.to``); returns the view.
+
+        The wrapped module is not moved: a higher patched module returns itself from ``to``,
+        and this view never changes the module it views. The latest fast weights are
+        replaced by their moved copies (differentiably, as ``Tensor.to`` is; no step is
+        added to the history); a dtype casts only floating-point tensors, as in
+        ``nn.Module.to``.
+
+        Example:
+            >>> import torch
+            >>> from metalight.functional import monkeypatch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> fmodel = monkeypatch(model).to(torch.float64)
+            >>> fmodel.bias.dtype, model.bias.dtype
+            (torch.float64, torch.float32)
+        """
+        self._require_root("to")
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+
+        def move(t: Tensor) -> Tensor:
+            # As nn.Module.to: a dtype casts only floating-point and complex tensors, so
+            # BatchNorm's integer step counter stays an integer.
+            floating = t.is_floating_point() or t.is_complex()
+            cast = dtype if floating else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+        root = self._root
+        if root.history:
+            # The latest step is replaced rather than a new one added: a move is no step.
+            root.history[-1] = [move(p) for p in root.history[-1]]
+        root.buffers[:] = [move(b) for b in root.buffers]
+        return self
 
     def view_state(self) -> ViewState:
         """Copies of what the view's calls depend on besides the fast weights, as they are now.

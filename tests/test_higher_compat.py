@@ -621,21 +621,45 @@ def test_monkeypatch_base_names_the_views_for_isinstance_and_annotations() -> No
 
 # higher's own tests that do not pass yet; each is a real incompatibility in a file of the
 # engine (strict: the day it is fixed, the marker must go).
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="FunctionalModule.state_dict() returns the viewed module's weights; higher's "
-    "holds the fast weights, so model.load_state_dict(fmodel.state_dict()) keeps an unroll",
-)
 def test_state_dict_of_a_view_holds_its_fast_weights() -> None:
     model = make_model()
+    before = copy.deepcopy(model.state_dict())
     with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (f, opt):
         x, y = make_data(1)[0]
         opt.step(F.mse_loss(f(x), y))
         state = f.state_dict()
         fast = dict(f.named_parameters())
-    assert set(state) == {n for n, _ in model.state_dict().items()}
-    assert all(torch.equal(state[n], fast[n]) for n in fast)
+        kept = f.state_dict(keep_vars=True)
+    assert list(state) == list(model.state_dict())
+    for name, weight in fast.items():
+        assert torch.equal(state[name], weight), name
+        assert state[name].grad_fn is None and not state[name].requires_grad, name
+        assert kept[name] is weight, name
+    # Taking it changed nothing in the model; loading it keeps what the inner loop learned.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.load_state_dict(state)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, fast[name]) and not torch.equal(p, before[name]), name
+
+
+def test_state_dict_of_a_view_holds_its_buffers_and_submodule_keys() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
+    mean_before = model[1].running_mean.clone()
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (f, opt):
+        x = make_data(1)[0][0]
+        opt.step(f(x).pow(2).mean())
+        state = f.state_dict(prefix="net.")
+        sub = f[1].state_dict()
+        view_mean = f[1].running_mean
+    assert list(state) == ["net." + k for k in model.state_dict()]
+    assert torch.equal(state["net.1.running_mean"], view_mean)
+    assert not torch.equal(view_mean, mean_before)
+    assert torch.equal(model[1].running_mean, mean_before)
+    assert list(sub) == list(model[1].state_dict())
+    assert torch.equal(sub["num_batches_tracked"], torch.tensor(1))
+    assert torch.equal(sub["weight"], state["net.1.weight"])
 
 
 @pytest.mark.xfail(
