@@ -428,7 +428,7 @@ CASES = [
         lambda ctx: check_strategy(SimpleNamespace(strategy=FSDPStrategy())),
         ValueError,
         r"FSDPStrategy cannot train a MetaLearningModule: FSDP shards the parameters .* "
-        r"trainer\.strategy=ddp",
+        r"strategy='ddp'",
     ),
     Case(
         "strategy-deepspeed",
