@@ -38,7 +38,7 @@ class ANIL(MetaLearningModule):
     """
 
     # The task-vectorised step (metalight.vectorized) computes the same meta-gradient: it
-    # adapts the head only (adapt=[head]) and runs head(body(x)) through functional_forward.
+    # adapts the head only (adapted=[head]) and runs head(body(x)) through functional_forward.
     _vectorizes_as_default = ("adapt_task",)
 
     def __init__(
@@ -53,9 +53,11 @@ class ANIL(MetaLearningModule):
                     f"ANIL {role}={name!r} matches no submodule of {type(model).__name__} "
                     f"(its submodules: {', '.join(names) or 'none'})"
                 ) from None
-        if "adapt" in kwargs and kwargs["adapt"] not in (None, [head]):
-            raise ValueError("ANIL adapts its head only; do not pass adapt=")
-        kwargs["adapt"] = [head]
+        for name in ("adapted", "adapt"):
+            if kwargs.get(name) not in (None, [head]):
+                raise ValueError(f"ANIL adapts its head only; do not pass {name}=")
+        kwargs.pop("adapt", None)
+        kwargs["adapted"] = [head]
         super().__init__(model, **kwargs)
         self.body_name = body
         self.head_name = head

@@ -364,6 +364,12 @@ CASES = [
         r"ANIL adapts its head only; do not pass adapt=",
     ),
     Case(
+        "anil-with-adapted",
+        lambda ctx: ANIL(MLP(), adapted=["features"]),
+        ValueError,
+        r"ANIL adapts its head only; do not pass adapted=",
+    ),
+    Case(
         "reptile-with-learned-inner-lr",
         lambda ctx: Reptile(MLP(), learn_inner_lr="scalar"),
         ValueError,
