@@ -662,12 +662,6 @@ def test_state_dict_of_a_view_holds_its_buffers_and_submodule_keys() -> None:
     assert torch.equal(sub["weight"], state["net.1.weight"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="DifferentiableOptimizer has no state_dict(); higher's can be loaded into the "
-    "torch.optim optimizer it came from (opt.load_state_dict(diffopt.state_dict()))",
-)
 def test_differentiable_optimizer_state_dict_loads_into_torch_optim() -> None:
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -676,6 +670,54 @@ def test_differentiable_optimizer_state_dict_loads_into_torch_optim() -> None:
         diffopt.step(F.mse_loss(f(x), y))
         opt.load_state_dict(diffopt.state_dict())
     assert all(int(s["step"]) == 1 for s in opt.state.values())
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "kwargs"),
+    [
+        (torch.optim.Adam, {"lr": 0.05, "weight_decay": 0.01, "amsgrad": True}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        (torch.optim.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5}),
+    ],
+)
+def test_torch_optim_continues_from_a_differentiable_optimizers_state(
+    make_opt: Callable[..., torch.optim.Optimizer], kwargs: dict[str, object]
+) -> None:
+    # Two groups (the second with its own lr): torch.optim numbers parameters across groups.
+    model = make_model()
+    groups = [
+        {"params": list(model[0].parameters())},
+        {"params": list(model[2].parameters()), "lr": 0.02},
+    ]
+    opt = make_opt(groups, **kwargs)
+    data = make_data(3)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (f, diffopt):
+        for x, y in data[:2]:
+            diffopt.step(F.mse_loss(f(x), y))
+        state = diffopt.state_dict()
+        inner = [v for g in diffopt.state for e in g.values() for v in e.values()]
+        inner_tensors = [(v, v.detach().clone()) for v in inner if isinstance(v, torch.Tensor)]
+        model_state = f.state_dict()
+        diffopt.step(F.mse_loss(f(*data[2][:1]), data[2][1]))
+        expected = [p.detach() for p in f.parameters()]
+    assert [g["params"] for g in state["param_groups"]] == [[0, 1], [2, 3]]
+    assert [g["lr"] for g in state["param_groups"]] == [kwargs["lr"], 0.02]
+    # A torch.optim twin over a copy of the model resumes from the inner loop's state.
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(model_state)
+    twin_opt = make_opt(
+        [{"params": list(twin[0].parameters())}, {"params": list(twin[2].parameters())}],
+        **kwargs,
+    )
+    twin_opt.load_state_dict(state)
+    F.mse_loss(twin(data[2][0]), data[2][1]).backward()
+    twin_opt.step()
+    for got, want in zip(twin.parameters(), expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-13)
+    # The twin's in-place updates did not reach the inner loop's own state tensors.
+    assert inner_tensors
+    for tensor, value in inner_tensors:
+        assert torch.equal(tensor, value)
 
 
 def test_apply_trainable_opt_params_keeps_the_groups_value_types() -> None:

@@ -33,6 +33,26 @@ def _is_per_group(value: Any) -> bool:
     return isinstance(value, list)
 
 
+def _plain(value: Any) -> Any:
+    """A detached copy of ``value`` (a number for a one-element hyperparameter tensor)."""
+    if isinstance(value, Tensor):
+        return value.detach().item() if value.numel() == 1 else value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _plain_state(key: str, value: Any) -> Any:
+    """One state entry as ``torch.optim`` keeps it: a step count is a float tensor."""
+    if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.get_default_dtype())
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain_state("", v) for v in value)
+    return copy.deepcopy(value)
+
+
 class DifferentiableOptimizer:
     """Base class of differentiable optimizers (higher's protocol).
 
@@ -125,6 +145,45 @@ class DifferentiableOptimizer:
             value = value.detach().clone()
             return value.to(device) if device is not None else value
         return copy.deepcopy(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state and groups in ``torch.optim.Optimizer.state_dict``'s form.
+
+        As in higher, the ``torch.optim`` optimizer this one was branched from (or any
+        built over the same parameters in the same groups) accepts it:
+        ``opt.load_state_dict(diffopt.state_dict())`` continues with the inner loop's state.
+        Parameters are numbered in group order, as ``torch.optim`` numbers them. Tensors are
+        detached copies (a ``torch.optim`` step updates its state in place, which must not
+        reach the unroll's graph); a ``step`` count is a float tensor, as ``torch.optim``
+        keeps it; a tensor hyperparameter (a learned learning rate) becomes a number.
+
+        Returns:
+            ``{"state": {index: {name: value}}, "param_groups": [{..., "params": [index]}]}``.
+
+        Example:
+            >>> import torch
+            >>> import metalight
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.Adam(model.parameters(), lr=0.1)
+            >>> with metalight.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            ...     _ = diffopt.step(fmodel(torch.randn(5, 3)).pow(2).mean())
+            ...     opt.load_state_dict(diffopt.state_dict())
+            >>> int(opt.state[model.weight]["step"])
+            1
+        """
+        packed: dict[int, dict[str, Any]] = {}
+        groups: list[dict[str, Any]] = []
+        start = 0
+        for group, state in zip(self.param_groups, self.state, strict=True):
+            count = len(group["params"])
+            hyper = {k: _plain(v) for k, v in group.items() if k != "params"}
+            groups.append({**hyper, "params": list(range(start, start + count))})
+            for p_idx in range(count):
+                entry = state.get(p_idx)
+                if entry:
+                    packed[start + p_idx] = {k: _plain_state(k, v) for k, v in entry.items()}
+            start += count
+        return {"state": packed, "param_groups": groups}
 
     @property
     def track_higher_grads(self) -> bool:
