@@ -738,3 +738,62 @@ def test_apply_trainable_opt_params_keeps_the_groups_value_types() -> None:
         assert new_group[key] == group[key], key
     assert new_group["betas"] == group["betas"]
     assert all(type(b) is float for b in new_group["betas"])
+
+
+def test_to_returns_the_view_and_moves_only_the_view() -> None:
+    # higher's patched module is an nn.Module, whose to() returns itself: chained calls such
+    # as fmodel.to(device)(x) must keep running the view, and the model must not move.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    ids = [id(p) for p in model.parameters()]
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    fmodel.update_params([2 * p for p in fmodel.parameters()])
+    moved = fmodel.to(torch.float64)
+    assert moved is fmodel
+    assert len(list(fmodel._fast_params)) == 2  # a move is not an inner step
+    assert all(p.dtype == torch.float64 for p in fmodel.parameters())
+    assert fmodel[1].num_batches_tracked.dtype == torch.int64
+    assert [id(p) for p in model.parameters()] == ids
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model[1].running_mean.dtype == torch.float32
+    x = torch.randn(5, 4, dtype=torch.float64)
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(fmodel(x), reference(x), rtol=0, atol=0)
+    # The cast is part of the graph: the meta-gradient still reaches the model.
+    fmodel(x).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_boxed_forward_is_the_views_forward() -> None:
+    model = make_model()
+    fmodel = higher.patch.make_functional(model)
+    x = make_data(1)[0][0]
+    params = [p.detach() + 0.5 for p in model.parameters()]
+    out = fmodel.boxed_forward(x, params=params)
+    assert torch.equal(out, fmodel(x, params=params))
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(dict(zip([n for n, _ in model.named_parameters()], params)))
+    assert torch.equal(out, reference(x))
+    assert torch.equal(fmodel.boxed_forward(x), out)  # latest fast weights without params
+
+
+def test_a_view_without_fast_weights_refuses_to_run() -> None:
+    # higher raises ValueError when a make_functional module is called without params and
+    # holds no fast weights; it never falls back on the module's own weights.
+    model = make_model()
+    x = make_data(1)[0][0]
+    calls: list[Callable[[higher.patch.FunctionalModule], object]] = [
+        lambda f: f(x),
+        lambda f: f.boxed_forward(x),
+        lambda f: f[0](x),
+        lambda f: f.state_dict(),
+        lambda f: list(f.parameters()),
+    ]
+    for fmodel in (higher.patch.make_functional(model), higher.functional.make_functional(model)):
+        for call in calls:
+            with pytest.raises(ValueError, match="holds no fast weights yet: pass params="):
+                call(fmodel)
+    assert fmodel(x, params=list(model.parameters())).shape == (8, 2)
