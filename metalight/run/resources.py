@@ -248,18 +248,25 @@ def _free_name(parent: Path, stamp: str) -> Path:
         count += 1
 
 
-def _reserved_run_dir(parent: str) -> str:
+def _reserved_run_dir(parent: str, mode: str = "create") -> str:
     # Hydra resolves hydra.run.dir more than once (to create it, then for Lightning's DDP
-    # launcher), so the name is reserved once per process and parent. It only names the
-    # directory: OmegaConf also evaluates values a config file overrides while merging (the
-    # default hydra.sweep.dir under hparams_search or a submitit job), and a folder made
-    # then would be left empty. Hydra creates the directory the run really uses.
+    # launcher), so the name is reserved once per process and parent. A run's directory
+    # ("create") is made here, atomically, so two runs started in the same second never
+    # share one. A sweep's ("name") is only named: OmegaConf also evaluates values a config
+    # file overrides while merging (the default hydra.sweep.dir under hparams_search or in a
+    # submitit job), and a folder made then would be left empty; Hydra creates the sweep
+    # directory it really uses.
+    if mode not in ("create", "name"):
+        raise ValueError(f"metalight.run_dir takes 'create' or 'name', got {mode!r}")
     if parent not in _RESERVED:
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         _check_parent(Path(parent))  # an unusable paths.output_dir is named at once
-        path = _free_name(Path(parent), stamp)
-        # This process's run will create it: a failed start may remove it again.
-        note_created(path)
+        if mode == "create":
+            path = make_run_dir(parent, stamp)
+        else:
+            path = _free_name(Path(parent), stamp)
+            # This process's sweep will create it: a failed start may remove it again.
+            note_created(path)
         _RESERVED[parent] = str(path)
     return _RESERVED[parent]
 
@@ -273,10 +280,12 @@ def reset_run_dirs() -> None:
 def register_resolvers() -> None:
     """Register the ``${metalight.run_dir:PARENT}`` resolver (idempotent).
 
-    It returns a new run directory under ``PARENT``: a name no folder has yet, chosen on first
-    use and the same for every later use in this process until :func:`reset_run_dirs`. It
-    creates nothing (Hydra creates the directory of the run it starts), so a value that is
-    resolved and then overridden leaves no folder behind.
+    It returns a new run directory under ``PARENT``, chosen on first use and the same for
+    every later use in this process until :func:`reset_run_dirs`. It creates the directory
+    atomically (two runs started in the same second get ``NAME`` and ``NAME_1``);
+    ``${metalight.run_dir:PARENT,name}`` only picks a free name, for a sweep directory that
+    Hydra creates when the sweep starts (so a value resolved and then overridden leaves no
+    folder behind).
 
     Example:
         >>> register_resolvers()
