@@ -531,3 +531,26 @@ def test_hook_computed_weight_is_put_back() -> None:
     bias, g, v = new  # named_parameters(): bias, weight_g, weight_v
     expected = g * v / v.norm(dim=1, keepdim=True)
     torch.testing.assert_close(out, torch.ones(1, 3, dtype=torch.float64) @ expected.T + bias)
+
+
+def test_state_dict_of_tied_and_parametrized_weights_loads_into_a_copy() -> None:
+    # Tied weights appear under both keys with the same fast weight, a parametrization's
+    # stored tensors under their own keys: a copy loading the view's state_dict computes
+    # what the view computes, and the module itself is untouched.
+    torch.manual_seed(0)
+    emb, out = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    out.weight = emb.weight
+    model = nn.Sequential(emb, nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)), out)
+    model = model.double()
+    before = copy.deepcopy(model.state_dict())
+    fmodel = monkeypatch(model)
+    fmodel.update_params([p * 1.5 + 0.25 for p in fmodel.parameters()])
+    state = fmodel.state_dict()
+    assert list(state) == list(model.state_dict())
+    assert state["0.weight"].data_ptr() == state["2.weight"].data_ptr()
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(state)
+    x = torch.tensor([[1, 2, 4]])
+    torch.testing.assert_close(copied(x), fmodel(x), rtol=0, atol=0)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
