@@ -297,11 +297,14 @@ def load_weights(
         metalight.run.ConfigError: If the file is not a readable Lightning checkpoint or its
             weights do not fit the module.
     """
+    from metalight.lightning.checkpoint_io import CorruptCheckpointError, load_checkpoint_file
     from metalight.run.errors import ConfigError
 
+    # The command's own loader: zip CRCs verified (bit rot is named, not loaded), tensors
+    # and plain values only. load_state_dict then copies onto the module's device.
     try:
-        state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    except Exception as err:
+        state = load_checkpoint_file(checkpoint)
+    except (CorruptCheckpointError, OSError) as err:
         raise ConfigError(f"{checkpoint} is not a readable checkpoint: {err}") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(f"{checkpoint} holds no state_dict: not a Lightning checkpoint")

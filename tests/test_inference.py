@@ -601,3 +601,34 @@ def test_query_images_of_another_size_than_the_support_are_refused(
         "images of one size (for a run that keeps image sizes, resize them as the training "
         "images were)."
     )
+
+
+def test_load_verifies_the_checkpoint_it_reads(
+    trained: tuple[Path, MetaLearningModule, dict[str, Any], str], tmp_path: Path
+) -> None:
+    # One flipped bit in a stored tensor: torch.load would return a changed weight; load()
+    # reads through the command's loader, which checks every member's CRC.
+    import shutil
+    import zipfile
+
+    from metalight.run.errors import ConfigError
+
+    run_dir, _, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "checkpoints" / "last.ckpt"
+    source = run_dir / "checkpoints" / "last.ckpt"
+    blob = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
+    extra = int.from_bytes(blob[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + extra
+    blob[start + 3] ^= 0x01
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ConfigError) as err:
+        metalight.load(copy)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "fails its CRC" in message, message
