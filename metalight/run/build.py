@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalight.bilevel.module import BilevelModule
 from metalight.lightning.checkpoint_io import AtomicCheckpointIO
@@ -76,6 +76,11 @@ def build_module(cfg: DictConfig) -> MetaLearningModule | BilevelModule:
             f"algorithm._target_ must build a metalight MetaLearningModule or BilevelModule, got "
             f"{type(module).__name__}"
         )
+    if str(OmegaConf.select(cfg, "trainer.precision", default="") or "").startswith("64"):
+        # Lightning restores a checkpoint's weights before its precision plugin converts the
+        # module: built in float32, a float64 run's weights would be rounded on resume, eval
+        # and metalight.load.
+        module = module.double()
     return module
 
 
