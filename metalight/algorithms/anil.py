@@ -39,7 +39,7 @@ class ANIL(MetaLearningModule):
 
     # The task-vectorised step (metalight.vectorized) computes the same meta-gradient: it
     # adapts the head only (adapted=[head]) and runs head(body(x)) through functional_forward.
-    _vectorizes_as_default = ("adapt_task",)
+    vectorized_hooks = ("adapt_task",)
 
     def __init__(
         self, model: nn.Module, body: str = "features", head: str = "head", **kwargs: Any

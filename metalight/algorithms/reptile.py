@@ -37,7 +37,7 @@ class Reptile(MetaLearningModule):
 
     # The task-vectorised step (metalight.vectorized) adapts all tasks at once with plain
     # gradient steps and takes the same weight differences (vectorized_meta_gradient).
-    _vectorizes_as_default = ("task_meta_gradient",)
+    vectorized_hooks = ("task_meta_gradient",)
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         if kwargs.get("learn_inner_lr") is not None:

@@ -161,18 +161,19 @@ class MetaLearningModule(L.LightningModule):
     """
 
     # Hooks of the per-task loop that the task-vectorised step re-implements. A subclass that
-    # overrides one trains with the loop, unless it declares in _vectorizes_as_default that
-    # the vectorised step reproduces its implementation (ANIL, Reptile); the declaration
-    # covers that class's own implementation, not a subclass that overrides again.
+    # overrides one trains with the loop, unless it declares in ``vectorized_hooks`` (a
+    # public extension point) that the vectorised step reproduces its implementation (ANIL,
+    # Reptile); the declaration covers that class's own implementation, not a subclass that
+    # overrides again.
     _LOOP_HOOKS: ClassVar[tuple[str, ...]] = ("adapt", "adapt_task", "unroll", "task_meta_gradient")
-    _vectorizes_as_default: ClassVar[tuple[str, ...]] = ()
+    vectorized_hooks: ClassVar[tuple[str, ...]] = ()
     _overridden_loop_hooks: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Once per class, not per meta-step.
-        declarer = next(c for c in cls.__mro__ if "_vectorizes_as_default" in vars(c))
-        exempt = {hook: getattr(declarer, hook) for hook in declarer._vectorizes_as_default}
+        declarer = next(c for c in cls.__mro__ if "vectorized_hooks" in vars(c))
+        exempt = {hook: getattr(declarer, hook) for hook in declarer.vectorized_hooks}
         cls._overridden_loop_hooks = tuple(
             hook
             for hook in cls._LOOP_HOOKS
@@ -607,7 +608,7 @@ class MetaLearningModule(L.LightningModule):
         """Raise a ``ValueError`` naming what keeps this module from task-vectorised steps.
 
         The default inner loop (or one the vectorised step reproduces, see
-        ``_vectorizes_as_default``), and :func:`~metalight.vectorized.check_vectorizable_model`.
+        ``vectorized_hooks``), and :func:`~metalight.vectorized.check_vectorizable_model`.
         """
         if self._overridden_loop_hooks:
             hook = self._overridden_loop_hooks[0]
