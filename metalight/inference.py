@@ -297,21 +297,13 @@ def load_weights(
         metalight.run.ConfigError: If the file is not a readable Lightning checkpoint or its
             weights do not fit the module.
     """
-    from metalight.lightning.checkpoint_io import CorruptCheckpointError, load_checkpoint_file
+    from metalight.lightning.checkpoint_io import CorruptCheckpointError
     from metalight.run.errors import ConfigError
+    from metalight.run.train import load_weights as load_run_weights
 
     # The command's own loader: zip CRCs verified (bit rot is named, not loaded), tensors
     # and plain values only. load_state_dict then copies onto the module's device.
     try:
-        state = load_checkpoint_file(checkpoint)
+        load_run_weights(module, checkpoint, label=str(checkpoint))
     except (CorruptCheckpointError, OSError) as err:
         raise ConfigError(f"{checkpoint} is not a readable checkpoint: {err}") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ConfigError(f"{checkpoint} holds no state_dict: not a Lightning checkpoint")
-    try:
-        module.on_load_checkpoint(state)
-        module.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        raise ConfigError(
-            f"the weights in {checkpoint} do not fit the model of its run's config.yaml: {err}"
-        ) from None

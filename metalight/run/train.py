@@ -957,12 +957,28 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _load_weights(module: L.LightningModule, ckpt_path: str | os.PathLike[str]) -> None:
+def load_weights(
+    module: L.LightningModule, ckpt_path: str | os.PathLike[str], *, label: str | None = None
+) -> None:
+    """Loads only a checkpoint's weights into ``module``, checked to fit first (the one
+    loader of ``metalight eval`` and :func:`metalight.load`).
+
+    Args:
+        module: The module the run's config builds.
+        ckpt_path: The checkpoint (verified by its zip CRCs, tensors and plain values only).
+        label: How messages name the file (default ``ckpt_path=PATH``, the config key).
+
+    Raises:
+        ConfigError: If it holds no state_dict or its weights do not fit ``module``.
+        CorruptCheckpointError, FileNotFoundError, IsADirectoryError: As
+            :func:`~metalight.lightning.checkpoint_io.load_checkpoint_file`.
+    """
     # Only the weights: restoring the whole training state through trainer.test(ckpt_path=)
     # would also ask for the training callbacks, which an evaluation does not use.
+    name = label or f"ckpt_path={ckpt_path}"
     checkpoint = load_checkpoint_file(ckpt_path)
     if "state_dict" not in checkpoint:
-        raise ConfigError(f"ckpt_path={ckpt_path} holds no state_dict: not a Lightning checkpoint")
+        raise ConfigError(f"{name} holds no state_dict: not a Lightning checkpoint")
     try:
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
@@ -1024,7 +1040,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     datamodule = build_datamodule(cfg)
     _refuse_no_test_split(cfg, datamodule, ckpt_path)
     module = build_module(cfg)
-    _load_weights(module, ckpt_path)
+    load_weights(module, ckpt_path)
     trainer = build_trainer(cfg, loggers=[], callbacks=[])
     test = trainer.test(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
