@@ -138,8 +138,9 @@ def check_vectorizable_model(model: nn.Module, policy: UnrollPolicy) -> None:
                 "its statistics are synchronised across processes per call, which cannot run "
                 "under vmap; convert it to BatchNorm or use the per-task loop"
             )
-        if isinstance(sub, (nn.RNNBase, nn.RNNCellBase)) or _has_spectral_norm(sub):
-            kind = type(sub).__name__ if not _has_spectral_norm(sub) else "spectral_norm"
+        spectral = _has_spectral_norm(sub)
+        if spectral or isinstance(sub, (nn.RNNBase, nn.RNNCellBase)):
+            kind = "spectral_norm" if spectral else type(sub).__name__
             raise ValueError(
                 f"{where} ({kind}) cannot be task-vectorised: vmap has no batching rule for it "
                 "(or only torch's slow per-task fallback); use the per-task loop"

@@ -132,7 +132,7 @@ class DifferentiableOptimizer:
         # Set by innerloop_ctx(truncate=..., checkpoint=...); read by unroll().
         self.unroll_policy: UnrollPolicy | None = None
         if override is not None:
-            self._apply_override(override)
+            self.apply_override(override)
 
     @staticmethod
     def _copy_state_value(key: str, value: Any, device: torch.device | str | None) -> Any:

@@ -519,15 +519,10 @@ def _pure_step_loop(
             loss = support_loss(params)
             if on_loss is not None:
                 on_loss(loss.detach(), step)
-            # In test mode no graph is wanted, so the update itself records none either.
+            # In test mode no graph is wanted, so the update itself records none either
+            # (pure_step then returns detached weights).
             with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-                new_params, states = diffopt.pure_step(loss, params, states, hypers, first_order)
-            if not track:
-                new_params = [
-                    p.detach().requires_grad_(old.requires_grad)
-                    for p, old in zip(new_params, params, strict=True)
-                ]
-            params = new_params
+                params, states = diffopt.pure_step(loss, params, states, hypers, first_order)
         fmodel.update_params(params)
         if after_step is not None:
             after_step(step + 1)
