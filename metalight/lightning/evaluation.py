@@ -60,7 +60,7 @@ def evaluate_batch(
                 where = f"{stage} episode {index} of batch {batch_idx}"
                 if module.nan_policy != "skip":
                     raise NonFiniteError(f"{where}: {err}") from err
-                _warn(f"skipping {where}: {err}")
+                module._warn(f"skipping {where}: {err}")
                 # Counted, never hidden: the logged means say how many were left out.
                 module._metrics.record_diverged(
                     stage, classification=module.is_classification(task.query_y)
@@ -90,11 +90,8 @@ def evaluate_task(module: MetaLearningModule, task: Task, stage: str) -> None:
     adaptation = module.adapt(task, module.eval_inner_steps, create_graph=False, on_step=report)
     with torch.no_grad():
         record("post", adaptation.predict(task.query_x))
-    post_loss = values["loss_post"]
-    if module.nan_policy != "off" and not bool(torch.isfinite(post_loss)):
-        raise NonFiniteError(
-            f"non-finite query loss {post_loss.item()} after {module.eval_inner_steps} inner steps"
-        )
+    if module.nan_policy != "off":
+        module._finite.expect_query_loss(values["loss_post"], module.eval_inner_steps)
     # An episode is recorded with all its metrics or, if any loss is NaN/Inf (possible
     # with nan_policy="off"), counted as diverged.
     module._metrics.record(stage, values, classification=classification)
@@ -107,9 +104,3 @@ def log_episode_metrics(module: MetaLearningModule, stage: str) -> None:
         headline = key.endswith("_post")
         module.log(key, value, prog_bar=headline, sync_dist=True)
     module._metrics.reset(stage)
-
-
-def _warn(message: str) -> None:
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    rank_zero_warn(message)
