@@ -26,7 +26,6 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from metalight.lightning.checkpoint_io import load_checkpoint_file
 from metalight.run.errors import ConfigError
 
 __all__ = [
@@ -132,9 +131,10 @@ class BestCheckpoint(ModelCheckpoint):
             )
             self.choice = {"weights": "last", **metric, "reason": reason}
             return
-        checkpoint = load_checkpoint_file(path)
-        pl_module.on_load_checkpoint(checkpoint)
-        pl_module.load_state_dict(checkpoint["state_dict"])
+        # The one weights loader (imported here: train -> build -> selection).
+        from metalight.run.train import load_weights
+
+        load_weights(pl_module, path, label=path)
         score = self.best_model_score
         self.choice = {
             "weights": "best",
