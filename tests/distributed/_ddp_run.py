@@ -263,6 +263,11 @@ def main() -> None:
             run_fsdp_refusal(args.out / job["name"])
         else:
             run_job(job, args.devices, args.strategy, args.out / job["name"])
+    # Tear the process group down before the interpreter exits: gloo's threads still alive
+    # at exit abort a process now and then ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
