@@ -162,6 +162,11 @@ def main() -> None:
     run_job(
         args.out / "resume", args.devices, args.out / "full" / "ckpt" / f"step={CKPT_STEP}.ckpt"
     )
+    # Tear the process group down before the interpreter exits (gloo threads alive at exit
+    # can abort a rank, as seen with tests/distributed/_ddp_run.py).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
